@@ -1,0 +1,62 @@
+# cmm-book: one entry point. `make book` (main job) and `make test` work on a fresh machine:
+# they create .venv, install the pinned packages and vendor MathJax for the offline book.
+PROFILE ?= cpu
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MATHJAX := book/_vendor/mathjax/tex-chtml.js
+MATHJAX_VERSION := 3.2.2
+
+.PHONY: book notebooks html test unit data lab browser clean help
+
+help:
+	@echo "make book [PROFILE=smoke|cpu|paper]  execute every notebook with papermill, build _build/html"
+	@echo "make test                            unit tests, smoke notebooks under nbval, book + browser test"
+	@echo "make data                            check (and download where allowed) every dataset under CMM_DATA"
+	@echo "make lab                             JupyterLab on notebooks/"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+$(MATHJAX):
+	@mkdir -p book/_vendor
+	tmp=$$(mktemp -d) && (cd $$tmp && npm pack mathjax@$(MATHJAX_VERSION) --silent >/dev/null \
+	  && tar -xzf mathjax-$(MATHJAX_VERSION).tgz package/es5) \
+	  && mkdir -p $$tmp/mj/output && cd $$tmp/package/es5 \
+	  && cp -r tex-chtml.js a11y input ui adaptors $$tmp/mj/ && cp -r output/chtml output/chtml.js $$tmp/mj/output/ \
+	  && cd - >/dev/null && rm -rf book/_vendor/mathjax && mv $$tmp/mj book/_vendor/mathjax && rm -rf $$tmp
+
+book: $(VENV)/.installed $(MATHJAX)
+	$(PY) -m cmm_utils.runner build --profile $(PROFILE)
+
+notebooks: $(VENV)/.installed
+	$(PY) -m cmm_utils.runner execute --profile $(PROFILE)
+
+html: $(VENV)/.installed $(MATHJAX)
+	$(PY) -c "from cmm_utils.runner import build_book; build_book('$(PROFILE)')"
+
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "chromium/chromedriver not installed: the browser test will be skipped (outside CI)"
+
+# The smoke notebooks are executed by papermill (they become the book's chapters for the book
+# test), then pytest runs the unit tests, re-executes them under nbval and tests the built book.
+test: $(VENV)/.installed $(MATHJAX) browser
+	$(PY) -m cmm_utils.runner execute --profile smoke
+	$(PY) -m pytest tests runs/smoke/notebooks --nbval-lax
+
+unit: $(VENV)/.installed
+	$(PY) -m pytest tests -m "not book"
+
+data: $(VENV)/.installed
+	$(PY) -m cmm_utils.runner data --download
+
+lab: $(VENV)/.installed
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf _build runs book/chapters book/run_log.md

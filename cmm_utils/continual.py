@@ -1,0 +1,119 @@
+"""What every continual method in the book reports, measured the same way.
+
+A method is run on a :class:`~cmm_utils.data.Scenario` and returns a :class:`ContinualResult`:
+the accuracy matrix ``R[t, i]``, the pooled accuracy on all classes seen after each task, the
+bytes it keeps across tasks, its inference GFLOPs per image and its training time. Results are
+cached as JSON keyed by the full configuration, so the leaderboard reads what a chapter already
+computed instead of retraining.
+
+Evaluation protocol (pinned): after task ``t`` the model scores *all* classes of the scenario
+(task-agnostic, one shared label space); predictions are restricted to the classes seen so far
+(tasks ``0..t``), as in PyCIL's class-incremental evaluation. ``R[t, i]`` is the accuracy on task
+``i``'s test images under that rule; ``acc_seen[t]`` is the accuracy on the pooled test images of
+tasks ``0..t`` (sample-weighted). After the last task this is MagMax's "accuracy on the full test set".
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .data import LabeledImages, Scenario
+from .io import config_key, results_dir, write_json
+from .metrics import average_incremental_accuracy, backward_transfer, final_average_accuracy, forgetting
+from .train import predict
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # normalised float batch -> logits over all classes
+
+
+@dataclass
+class ContinualResult:
+    method: str
+    R: list[list[float]]
+    acc_seen: list[float]
+    bytes_stored: int = 0
+    gflops: float = float("nan")
+    train_seconds: float = float("nan")
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict[str, float]:
+        """The book's standard row (see :mod:`cmm_utils.metrics` for each definition)."""
+        R = np.asarray(self.R)
+        return {"method": self.method,
+                "final_acc": self.acc_seen[-1],
+                "avg_incremental_acc": average_incremental_accuracy(self.acc_seen),
+                "final_task_avg_acc": final_average_accuracy(R),
+                "forgetting": forgetting(R), "bwt": backward_transfer(R),
+                "bytes_stored": self.bytes_stored, "gflops": self.gflops,
+                "train_seconds": self.train_seconds}
+
+
+def seen_mask(scenario: Scenario, t: int) -> torch.Tensor:
+    mask = torch.zeros(scenario.num_classes, dtype=torch.bool)
+    mask[list(scenario.seen_classes(t))] = True
+    return mask
+
+
+def predictions(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return logits.masked_fill(~mask, float("-inf")).argmax(1)
+
+
+def evaluate_after_task(logits_fn: LogitsFn, scenario: Scenario, t: int, split: str = "test",
+                        batch_size: int = 256) -> tuple[list[float], float]:
+    """Row ``R[t, :]`` (NaN for tasks after ``t``) and the pooled accuracy on tasks ``0..t``."""
+    mask, row, correct, total = seen_mask(scenario, t), [], 0, 0
+    for i, task in enumerate(scenario.tasks):
+        if i > t:
+            row.append(float("nan"))
+            continue
+        data: LabeledImages = getattr(task, split)
+        pred = predictions(predict(logits_fn, data, batch_size), mask)
+        hits = int((pred == data.labels).sum())
+        row.append(hits / max(1, len(data)))
+        correct, total = correct + hits, total + len(data)
+    return row, correct / max(1, total)
+
+
+def state_bytes(*states: Mapping[str, torch.Tensor] | torch.Tensor) -> int:
+    """Bytes of the tensors a method keeps (state dicts or single tensors)."""
+    total = 0
+    for s in states:
+        tensors = s.values() if isinstance(s, Mapping) else [s]
+        total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
+
+
+def gflops_per_image(fn: Callable[[torch.Tensor], torch.Tensor], image_size: int, channels: int = 3) -> float:
+    """Forward GFLOPs for one image, counted by ``torch.utils.flop_counter`` (multiply-add = 2 FLOPs)."""
+    x = torch.zeros(1, channels, image_size, image_size)
+    if isinstance(fn, torch.nn.Module):
+        fn.eval()
+        x = x.to(next(fn.parameters()).device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(x)
+    return counter.get_total_flops() / 1e9
+
+
+def cache_path(profile: str, chapter: str, config: Mapping) -> Path:
+    return results_dir(profile, chapter) / "runs" / f"{config.get('method', 'run')}-{config_key(config)}.json"
+
+
+def cached_run(profile: str, chapter: str, config: Mapping, run: Callable[[], ContinualResult]) -> ContinualResult:
+    """Return the cached result for ``config`` or run, save (atomically) and return it."""
+    path = cache_path(profile, chapter, config)
+    if path.exists():
+        return ContinualResult(**json.loads(path.read_text())["result"])
+    result = run()
+    write_json(path, {"config": dict(config), "result": asdict(result)})
+    return result
+
+
+def load_cached_runs(profile: str, chapter: str) -> list[dict]:
+    """Every cached run of a chapter as ``{"config": ..., "result": ...}`` (the leaderboard's input)."""
+    folder = results_dir(profile, chapter) / "runs"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]

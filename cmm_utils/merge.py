@@ -1,0 +1,803 @@
+"""Merge kernels for MagMax, continual model merging (CMM), DynaMMo and task arithmetic.
+
+Every rule is a pure function over state dicts: ``Mapping[str, Tensor]`` in,
+``dict[str, Tensor]`` out. Nothing is modified in place and nothing returned
+aliases an input. Shared conventions:
+
+* **Floating vs. other entries.** Only floating-point tensors are merged. Integer
+  and bool buffers (e.g. BatchNorm's ``num_batches_tracked``) are copied, unmerged,
+  from the *base*: the ``base`` argument of :func:`apply`, the first state dict of
+  the T-vector rules and of the CMM fold, ``prev`` in :func:`importance_weighted`,
+  ``a`` in :func:`linear_interpolation`. :func:`average_adapters` is the exception:
+  it takes them from the *last* adapter. Task vectors made by :func:`task_vector`
+  hold only floating keys.
+* **Validation.** All state dicts given to one call must have the same keys, shapes
+  and dtypes. A mismatch raises ``ValueError`` naming the first offending key and
+  what was expected vs. found. An empty iterable also raises ``ValueError``.
+* **Streaming.** :func:`average`, :func:`task_arithmetic`, :func:`random_select`,
+  :func:`magmax`, :func:`continual_importance_merge` and :func:`average_adapters`
+  accept any iterable, generators included. They hold one running accumulator and
+  the current state dict, never the T inputs, so memory does not grow with T.
+  :func:`ties` needs two passes (see its docstring).
+* **Precision.** Sums are accumulated in float32 (float64 for float64 tensors).
+  Results are returned in the input dtype. Selection rules (MagMax, random) copy
+  values and never round them.
+* **Non-finite values** are not supported. The selection kernels use ``torch.lerp``
+  with a 0/1 weight, which is exact for finite values but turns ``inf`` into NaN.
+  A selected ``-0.0`` may come out as ``+0.0``; the two compare equal.
+
+Scaling by λ (``θ = θ0 + λ·τ``) is left to :func:`apply`, as in the authors' code.
+
+References
+----------
+* MagMax: D. Marczak, B. Twardowski, T. Trzciński, S. Cygert, "MagMax: Leveraging
+  Model Merging for Seamless Continual Learning", ECCV 2024, arXiv:2407.06322.
+  Code: github.com/danielm1405/magmax (``src/merging/task_vectors.py``, ``ties.py``).
+* Task arithmetic: G. Ilharco et al., "Editing Models with Task Arithmetic",
+  ICLR 2023, arXiv:2212.04089.
+* Weight averaging: M. Wortsman et al., "Model soups", ICML 2022, arXiv:2203.05482.
+* TIES: P. Yadav et al., "TIES-Merging: Resolving Interference When Merging
+  Models", NeurIPS 2023, arXiv:2306.01708.
+* CMM: H. Phan, S. Cha, T. Tran, Q. Lei, "Toward a Holistic Approach to Continual
+  Model Merging", arXiv:2509.23592. Code: github.com/VietHoang1512/CMM
+  (``interpolate_weights``).
+* DynaMMo: M. A. Qazi, I. Almakky, A. U. R. Hashmi, S. Sanjeev, M. Yaqub,
+  "DynaMMo: Dynamic Model Merging for Efficient Class Incremental Learning for
+  Medical Images", arXiv:2404.14099.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import math
+from typing import Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "METHODS",
+    "apply",
+    "average",
+    "average_adapters",
+    "continual_importance_merge",
+    "importance_weighted",
+    "linear_interpolation",
+    "magmax",
+    "merge",
+    "random_select",
+    "task_arithmetic",
+    "task_vector",
+    "ties",
+]
+
+StateDict = Mapping[str, Tensor]
+TwoPassSource = Union[Sequence[StateDict], Callable[[], Iterable[StateDict]]]
+
+# Elements per chunk in the selection and CMM kernels. Running their 3-4 elementwise
+# ops over chunks that fit in cache reads each input once from DRAM instead of once
+# per op. 2**17 was fastest on the benchmark machine (see benchmarks/README.md).
+_CHUNK = 1 << 17
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_float(t: Tensor) -> bool:
+    return t.is_floating_point()
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, every other float type uses float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _owned(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Return a fresh contiguous copy of ``t`` (optionally cast), never an alias."""
+    out = torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
+    return out.copy_(t)
+
+
+def _spec(sd: StateDict, what: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"{what} must be a mapping str -> Tensor, got {type(sd).__name__}")
+    spec = {}
+    for k, v in sd.items():
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{what}[{k!r}] is a {type(v).__name__}, not a Tensor")
+        spec[k] = (tuple(v.shape), v.dtype)
+    return spec
+
+
+def _check(sd: StateDict, spec: Mapping, what: str, ref: str) -> None:
+    """Raise ValueError naming the first key of ``sd`` that does not match ``spec``."""
+    got = _spec(sd, what)
+    for k, (shape, dtype) in spec.items():
+        if k not in got:
+            raise ValueError(f"key {k!r}: expected (present in {ref}) but missing from {what}")
+        g_shape, g_dtype = got[k]
+        if g_shape != shape:
+            raise ValueError(f"key {k!r}: expected shape {shape} (as in {ref}), found {g_shape} in {what}")
+        if g_dtype != dtype:
+            raise ValueError(f"key {k!r}: expected dtype {dtype} (as in {ref}), found {g_dtype} in {what}")
+    for k in got:
+        if k not in spec:
+            raise ValueError(f"key {k!r}: found in {what} but not expected (absent from {ref})")
+
+
+def _validated(state_dicts: Iterable[StateDict], what: str = "task vector") -> Iterator[StateDict]:
+    """Yield the state dicts of an iterable, checking each against the first.
+
+    Only the first dict's key/shape/dtype spec is kept, never its tensors, and the
+    current dict is released before the next is requested, so the iterator itself
+    keeps at most one input alive.
+    """
+    it = iter(state_dicts)
+    try:
+        sd = next(it)
+    except StopIteration:
+        raise ValueError(f"expected at least one {what}, got an empty iterable") from None
+    spec = _spec(sd, f"{what} 1")
+    i = 1
+    while True:
+        yield sd
+        sd = None  # drop our reference before fetching the next one
+        try:
+            sd = next(it)
+        except StopIteration:
+            return
+        i += 1
+        _check(sd, spec, f"{what} {i}", f"{what} 1")
+
+
+def _float_keys(sd: StateDict) -> list[str]:
+    return [k for k, v in sd.items() if _is_float(v)]
+
+
+def _spans(n: int) -> Iterator[tuple[int, int]]:
+    for s in range(0, n, _CHUNK):
+        yield s, min(n, s + _CHUNK)
+
+
+class _Scratch:
+    """Reusable chunk-sized buffers, one per (slot, dtype, device)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict = {}
+
+    def get(self, slot: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (slot, dtype, device)
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(_CHUNK if n <= _CHUNK else n, dtype=dtype, device=device)
+            self._bufs[key] = buf
+        return buf[:n]
+
+    def cast(self, slot: int, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """``x`` in ``dtype``: ``x`` itself if it already has it, else a scratch copy."""
+        return x if x.dtype == dtype else self.get(slot, x.numel(), dtype, x.device).copy_(x)
+
+
+class _Layout:
+    """Grouping of the floating keys of a state dict for the streaming kernels.
+
+    A kernel call costs a few microseconds, whatever the tensor size. Many small
+    tensors (biases, norms) therefore cost more in calls than in data: ResNet-18 has
+    88 float tensors under 2**17 elements, 2 % of its parameters. Tensors smaller
+    than one chunk that share dtypes and device are packed into one flat buffer in
+    the running state, and the matching inputs are concatenated (``torch.cat``)
+    at each step, so one chunked kernel covers them all. Larger tensors are
+    processed on their own.
+    """
+
+    def __init__(self, keys: Sequence[str], refs: Sequence[StateDict]) -> None:
+        packed: dict[tuple, list[str]] = {}
+        single: list[list[str]] = []
+        for k in keys:
+            v = refs[0][k]
+            if v.numel() < _CHUNK:
+                packed.setdefault(tuple(r[k].dtype for r in refs) + (v.device,), []).append(k)
+            else:
+                single.append([k])
+        self.groups = list(packed.values()) + single
+        self.shapes = {k: refs[0][k].shape for k in keys}
+
+    def own(self, sd: StateDict, dtypes: Mapping[str, torch.dtype]) -> list[Tensor]:
+        """Owned, contiguous flat copies of ``sd`` (one per group), cast to ``dtypes``."""
+        flats = []
+        for g in self.groups:
+            if len(g) == 1:
+                flats.append(_owned(sd[g[0]], dtypes[g[0]]).view(-1))
+            else:
+                flats.append(torch.cat([sd[k].reshape(-1) for k in g]).to(dtypes[g[0]]))
+        return flats
+
+    def flats(self, sd: StateDict) -> list[Tensor]:
+        """1-D views (single tensors) or concatenations (packed groups) of inputs."""
+        return [sd[g[0]].reshape(-1) if len(g) == 1 else torch.cat([sd[k].reshape(-1) for k in g]) for g in self.groups]
+
+    def unpack(self, flats: Sequence[Tensor], dtypes: Mapping[str, torch.dtype]) -> dict[str, Tensor]:
+        """Per-key tensors in ``dtypes``; packed keys are copied out so that no two
+        returned tensors share storage (``safetensors`` refuses shared storage)."""
+        out = {}
+        for g, flat in zip(self.groups, flats):
+            if len(g) == 1:
+                out[g[0]] = flat.view(self.shapes[g[0]]).to(dtypes[g[0]])
+            else:
+                parts = flat.split([math.prod(self.shapes[k]) for k in g])
+                for k, part in zip(g, parts):
+                    out[k] = part.view(self.shapes[k]).to(dtypes[k], copy=True)
+        return out
+
+
+class _Running:
+    """Running state of a streaming rule: one owned copy of the first state dict.
+
+    ``flats`` are the floating entries laid out by a :class:`_Layout` (in
+    ``state_dtype`` of each input dtype); non-floating entries are kept, cloned,
+    from the first state dict.
+    """
+
+    def __init__(self, sd: StateDict, state_dtype: Callable[[torch.dtype], torch.dtype]) -> None:
+        keys = _float_keys(sd)
+        self.order = list(sd)
+        self.dtypes = {k: sd[k].dtype for k in keys}
+        self.layout = _Layout(keys, [sd])
+        self.flats = self.layout.own(sd, {k: state_dtype(d) for k, d in self.dtypes.items()})
+        self.carried = {k: v.clone() for k, v in sd.items() if not _is_float(v)}
+
+    def pairs(self, sd: StateDict) -> Iterator[tuple[Tensor, Tensor]]:
+        return zip(self.flats, self.layout.flats(sd))
+
+    def result(self) -> dict[str, Tensor]:
+        out = self.layout.unpack(self.flats, self.dtypes)
+        out.update(self.carried)
+        return {k: out[k] for k in self.order}
+
+
+def _keep(dtype: torch.dtype) -> torch.dtype:
+    return dtype
+
+
+def _stream(task_vectors: Iterable[StateDict], step, state_dtype=_keep) -> tuple[_Running, int]:
+    """Fold ``step(cur_flat, new_flat, t)`` over validated task vectors (t is 1-based)."""
+    run = None
+    t = 0
+    for tv in _validated(task_vectors):
+        t += 1
+        if t == 1:
+            run = _Running(tv, state_dtype)
+        else:
+            for cur, new in run.pairs(tv):
+                step(cur, new, t)
+        del tv
+    return run, t
+
+
+def _check_alpha(alpha: float, lo: float = 0.0, hi: float = 1.0) -> float:
+    alpha = float(alpha)
+    if not lo <= alpha <= hi:
+        raise ValueError(f"alpha must be in [{lo}, {hi}], got {alpha}")
+    return alpha
+
+
+# ------------------------------------------------------------------- task vectors
+
+
+@torch.no_grad()
+def task_vector(finetuned: StateDict, base: StateDict) -> dict[str, Tensor]:
+    r"""Task vector :math:`\tau = \theta_{ft} - \theta_0` (Ilharco et al. 2023, Eq. 1).
+
+    Only floating keys are kept. The authors' ``TaskVector`` skips int64 and uint8
+    keys; this function skips every non-floating key (bool and int32 included).
+    """
+    _check(finetuned, _spec(base, "base"), "finetuned", "base")
+    return {k: torch.sub(finetuned[k], base[k]) for k in _float_keys(base)}
+
+
+@torch.no_grad()
+def apply(base: StateDict, task_vector: StateDict, scale: float = 1.0) -> dict[str, Tensor]:
+    r"""Full state dict :math:`\theta = \theta_0 + \lambda\,\tau` (``TaskVector.apply_to``).
+
+    ``task_vector`` must hold exactly the floating keys of ``base``, with the same
+    shapes and dtypes. Non-floating entries are copied from ``base``. The sum is
+    computed in the accumulation dtype and rounded once.
+    """
+    spec = {k: v for k, v in _spec(base, "base").items() if v[1].is_floating_point}
+    _check(task_vector, spec, "task vector", "the floating keys of base")
+    out = {}
+    for k, v in base.items():
+        if _is_float(v):
+            acc = _acc_dtype(v.dtype)
+            out[k] = torch.add(v.to(acc), task_vector[k].to(acc), alpha=scale).to(v.dtype)
+        else:
+            out[k] = v.clone()
+    return out
+
+
+# ---------------------------------------------------------- T-vector merge rules
+
+
+def _add_(cur: Tensor, new: Tensor, t: int) -> None:
+    cur.add_(new)
+
+
+@torch.no_grad()
+def average(task_vectors: Iterable[StateDict]) -> dict[str, Tensor]:
+    r"""Element-wise mean :math:`\bar\tau = \frac1T\sum_{t=1}^T \tau_t`.
+
+    This is MagMax's "Avg" baseline (Marczak et al. 2024, Sec. 4; ``sum`` of
+    TaskVectors applied with λ = 1/T) and, since all τ share θ0, the weight average
+    of the checkpoints (model soups, Wortsman et al. 2022). Streaming; the float32
+    sum is divided by T once at the end. The authors instead multiply by λ = 1/T in
+    ``apply_to``, so results can differ in the last bit.
+    """
+    run, n = _stream(task_vectors, _add_, _acc_dtype)
+    for cur in run.flats:
+        cur.div_(n)
+    return run.result()
+
+
+@torch.no_grad()
+def task_arithmetic(task_vectors: Iterable[StateDict], scale: float) -> dict[str, Tensor]:
+    r"""Scaled sum :math:`\tau = \lambda \sum_{t=1}^T \tau_t` (Ilharco et al. 2023, Sec. 2).
+
+    Streaming. The float32 sum is scaled once at the end. The MagMax code has no
+    separate task-arithmetic merge: its commented λ sweep over ``sum`` (λ ∈ (0, 2/T])
+    is the same rule.
+    """
+    run, _ = _stream(task_vectors, _add_, _acc_dtype)
+    for cur in run.flats:
+        cur.mul_(scale)
+    return run.result()
+
+
+@torch.no_grad()
+def magmax(task_vectors: Iterable[StateDict]) -> dict[str, Tensor]:
+    r"""Maximum-magnitude selection (MagMax, Marczak et al. 2024, Eq. 3).
+
+    .. math:: \tau^p = \tau^p_{k}, \quad k = \arg\max_t |\tau^p_t|
+
+    Per parameter p, this keeps the *signed* value of the task vector with the
+    largest magnitude; there is no sign election. A tie goes to the later task,
+    as in the authors' ``merge_max_abs``
+    (``torch.where(cur_new.abs() >= cur.abs(), cur_new, cur)``). The paper applies
+    the result with λ = 0.5. Streaming: one running selection plus the current τ.
+    The result equals the authors' up to the sign of zeros (a selected ``-0.0`` may
+    come out as ``+0.0``); inputs must be finite.
+
+    Implementation: ``torch.where`` and bool masks are slow, unvectorised paths on
+    CPU. Per cache-sized chunk, a 0/1 float mask from ``ge(out=float)`` followed by
+    ``lerp(cur, new, mask)`` does the same selection with vectorised kernels. lerp
+    returns exactly ``start`` at weight 0 and exactly ``end`` at weight 1 on finite
+    values.
+    """
+    scratch = _Scratch()
+
+    def step(cur: Tensor, new: Tensor, t: int) -> None:
+        for s, e in _spans(cur.numel()):
+            cc, nc = cur[s:e], new[s:e]
+            a = torch.abs(nc, out=scratch.get(0, e - s, cc.dtype, cc.device))
+            b = torch.abs(cc, out=scratch.get(1, e - s, cc.dtype, cc.device))
+            torch.ge(a, b, out=a)  # 1.0 where |new| >= |cur| (tie -> later task), else 0.0
+            torch.lerp(cc, nc, a, out=cc)
+
+    return _stream(task_vectors, step)[0].result()
+
+
+@torch.no_grad()
+def random_select(task_vectors: Iterable[StateDict], seed: int) -> dict[str, Tensor]:
+    r"""Random mixing: each element is taken from one task drawn uniformly (MagMax's
+    "random" baseline, Marczak et al. 2024, Sec. 4; ``merge_rnd_mix``).
+
+    .. math:: \tau^p = \tau^p_{k_p}, \quad k_p \sim \mathcal U\{1,\dots,T\}
+
+    **Deliberate deviation (streaming).** The authors draw
+    ``torch.randint(0, T, shape)`` from the global RNG, which needs T up front. A
+    generator does not reveal T, so this uses reservoir sampling. The first vector
+    is copied. For the t-th vector (t ≥ 2, 1-based), each element is replaced with
+    probability 1/t, using a ``torch.Generator`` seeded with ``seed``
+    (``random_(0, t) == 0``). Element p ends up from task i with probability
+    :math:`\frac1i\prod_{j=i+1}^{T}(1-\frac1j) = \frac1T`, the same uniform
+    distribution as the authors' rule (up to the generator's modulo bias,
+    < t·2⁻³²). The random bits differ from theirs, so the same seed does not give
+    their mask. The draws follow the internal chunking and packing of keys, so
+    results are reproducible for a fixed seed, set of keys and shapes, and torch
+    version; a list and a generator of the same vectors give the same result.
+    CPU tensors only (the generator is a CPU one). The paper applies the result
+    with λ = 1.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    scratch = _Scratch()
+
+    def step(cur: Tensor, new: Tensor, t: int) -> None:
+        if cur.device.type != "cpu":
+            raise ValueError(f"random_select supports CPU tensors only, found {cur.device}")
+        for s, e in _spans(cur.numel()):
+            cc, nc = cur[s:e], new[s:e]
+            draw = scratch.get(0, e - s, torch.int32, cc.device).random_(0, t, generator=gen)
+            pick = torch.eq(draw, 0, out=scratch.get(1, e - s, cc.dtype, cc.device))  # P = 1/t
+            torch.lerp(cc, nc, pick, out=cc)
+
+    return _stream(task_vectors, step)[0].result()
+
+
+def _two_pass_source(task_vectors: TwoPassSource) -> Callable[[], Iterable[StateDict]]:
+    if callable(task_vectors) and not isinstance(task_vectors, Mapping):
+        return task_vectors
+    if isinstance(task_vectors, Sequence) and not isinstance(task_vectors, (str, bytes)):
+        return lambda: task_vectors
+    raise TypeError(
+        "ties needs two passes over the task vectors: pass a Sequence (e.g. a list) or a "
+        f"zero-argument callable returning a fresh iterable, not a {type(task_vectors).__name__}"
+    )
+
+
+def _ties_thresholds(tv: StateDict, keys: list[str], density: float, scope: str) -> dict[str, float]:
+    """Magnitude threshold per key: the k-th smallest |τ| with k = d − int(d·density)."""
+
+    def kth(flat_abs: Tensor) -> float:
+        d = flat_abs.numel()
+        k = d - int(d * density)
+        if d == 0 or k == 0:  # density = 1: keep everything (the authors' kthvalue(0) raises)
+            return 0.0
+        return flat_abs.kthvalue(k).values.item()
+
+    if scope == "global":
+        thr = kth(torch.cat([tv[k].reshape(-1).abs() for k in keys])) if keys else 0.0
+        return {k: thr for k in keys}
+    return {k: kth(tv[k].reshape(-1).abs()) for k in keys}
+
+
+def _trimmed(v: Tensor, thr: float) -> Tensor:
+    v = v.to(_acc_dtype(v.dtype))
+    return v * (v.abs() >= thr)
+
+
+@torch.no_grad()
+def ties(task_vectors: TwoPassSource, density: float = 0.2, scope: str = "global") -> dict[str, Tensor]:
+    r"""TIES-merging (Yadav et al. 2023, Sec. 3), the version vendored in MagMax
+    (``ties.merge_methods("topk", ..., reset_thresh=20, resolve_method="mass",
+    merge_func="dis-mean")``). The paper applies the result with λ = 0.55.
+
+    1. *Trim.* For each task, keep the entries with
+       :math:`|\tau_t^p| \ge \kappa_t`, where :math:`\kappa_t` is the k-th smallest
+       magnitude, k = d − int(d·density), over the flattened vector (d entries).
+       Ties at the threshold are kept (``>=``), so a little more than ``density``
+       may survive. Call the result :math:`\hat\tau_t`.
+    2. *Elect.* :math:`\gamma^p = \mathrm{sign}(\sum_t \hat\tau_t^p)`. Entries with
+       :math:`\gamma^p = 0` take the majority sign
+       :math:`\mathrm{sign}(\sum_p \gamma^p)`, computed over the whole vector.
+    3. *Disjoint mean.* :math:`\tau^p = \sum_{t \in A^p} \hat\tau_t^p / \max(1, |A^p|)`,
+       where :math:`A^p = \{t : \hat\tau_t^p > 0\}` if :math:`\gamma^p > 0`, else
+       :math:`\{t : \hat\tau_t^p < 0\}`. As in the authors' ``torch.where``, a sign
+       that is still 0 counts as negative.
+
+    ``scope="global"`` (default, the authors') computes κ_t over the whole
+    flattened task vector: every floating key, key order irrelevant.
+    ``scope="per_tensor"`` computes κ_t separately for each tensor, as mergekit
+    does. Only the trimming changes; the election and the mean stay the same.
+    mergekit also picks exactly k entries by index, not by a ``>=`` threshold.
+
+    Deviation: ``density=1`` keeps every entry, where the authors' ``kthvalue(0)``
+    raises. ``density`` must lie in [0, 1]. The authors pass K=20 and divide it by
+    100.
+
+    **Memory and input.** TIES needs two passes: one to elect the sign, one for the
+    disjoint mean. ``task_vectors`` is therefore either a Sequence (e.g. a list,
+    with all T vectors held by the caller) or a zero-argument callable returning a
+    fresh iterable for each pass. The callable is the streaming version: it holds
+    only the current vector plus about three vectors of state (sum, then int8
+    signs + sum + count), plus one flattened |τ| copy for ``kthvalue`` in global
+    scope. A one-shot iterator or generator raises ``TypeError``. The authors'
+    code ``vstack``-s all T flattened vectors (T × d, plus copies).
+    """
+    if scope not in ("global", "per_tensor"):
+        raise ValueError(f"unknown ties scope {scope!r}; valid: 'global', 'per_tensor'")
+    if not 0.0 <= float(density) <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    make = _two_pass_source(task_vectors)
+
+    # Pass 1: per-task thresholds and the sum of trimmed vectors (for sign election).
+    thresholds: list[dict[str, float]] = []
+    ssum: dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    spec = None
+    for tv in _validated(make()):
+        if not thresholds:
+            spec = _spec(tv, "task vector 1")
+            keys = _float_keys(tv)
+            out = {k: v.clone() for k, v in tv.items() if not _is_float(v)}
+            dtypes = {k: tv[k].dtype for k in keys}
+            ssum = {k: torch.zeros(tv[k].shape, dtype=_acc_dtype(tv[k].dtype), device=tv[k].device) for k in keys}
+        thr = _ties_thresholds(tv, keys, density, scope)
+        thresholds.append(thr)
+        for k in keys:
+            ssum[k].add_(_trimmed(tv[k], thr[k]))
+        del tv
+
+    # Sign election; zeros take the majority sign over the whole vector.
+    signs: dict[str, Tensor] = {}
+    total = 0.0
+    for k in keys:
+        signs[k] = torch.sign(ssum.pop(k)).to(torch.int8)
+        total += signs[k].sum(dtype=torch.float64).item()
+    majority = int((total > 0) - (total < 0))
+    for s in signs.values():
+        s.masked_fill_(s == 0, majority)
+
+    # Pass 2: disjoint mean of the trimmed entries that agree with the elected sign.
+    total_sum = {k: torch.zeros_like(signs[k], dtype=_acc_dtype(dtypes[k])) for k in keys}
+    count = {k: torch.zeros_like(signs[k], dtype=_acc_dtype(dtypes[k])) for k in keys}
+    n = 0
+    for tv in make():
+        n += 1
+        if n > len(thresholds):
+            break
+        _check(tv, spec, f"task vector {n} (second pass)", "task vector 1")
+        for k in keys:
+            trimmed = _trimmed(tv[k], thresholds[n - 1][k])
+            keep = torch.where(signs[k] > 0, trimmed > 0, trimmed < 0)
+            total_sum[k].add_(trimmed * keep)
+            count[k].add_(keep)
+        del tv
+    if n != len(thresholds):
+        raise ValueError(
+            f"ties: the second pass yielded {'more than ' if n > len(thresholds) else ''}{n} task vectors, "
+            f"the first {len(thresholds)}; the callable must return the same vectors each time"
+        )
+    for k in keys:
+        out[k] = total_sum[k].div_(count[k].clamp_(min=1)).to(dtypes[k])
+    return {k: out[k] for k in spec}
+
+
+# -------------------------------------------------------------------------- CMM
+
+
+def _check_importance(importance: StateDict, model_spec: Mapping, what: str) -> dict:
+    spec = _spec(importance, what)
+    for k, (shape, dtype) in spec.items():
+        if k not in model_spec or not model_spec[k][1].is_floating_point:
+            raise ValueError(f"key {k!r}: found in {what} but not a floating key of the model")
+        if shape != model_spec[k][0]:
+            raise ValueError(f"key {k!r}: expected shape {model_spec[k][0]} (the model's), found {shape} in {what}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"key {k!r}: expected a floating dtype in {what}, found {dtype}")
+    return spec
+
+
+class _CMMState:
+    """Running (θ, F) of the CMM fold, owned, in the accumulation dtype."""
+
+    def __init__(self, model: StateDict, importance: StateDict) -> None:
+        fkeys = _float_keys(model)
+        self.order, self.imp_order = list(model), list(importance)
+        self.dtypes = {k: model[k].dtype for k in fkeys}
+        self.imp_dtypes = {k: v.dtype for k, v in importance.items()}
+        compute = {k: torch.promote_types(_acc_dtype(model[k].dtype), _acc_dtype(f.dtype)) for k, f in importance.items()}
+        self.lay_imp = _Layout(list(importance), [model, importance])
+        self.theta = self.lay_imp.own(model, compute)
+        self.imp = self.lay_imp.own(importance, compute)
+        rest = [k for k in fkeys if k not in importance]
+        self.lay_rest = _Layout(rest, [model])
+        self.rest = self.lay_rest.own(model, {k: _acc_dtype(self.dtypes[k]) for k in rest})
+        self.carried = {k: v.clone() for k, v in model.items() if not _is_float(v)}
+        self.scratch = _Scratch()
+
+    def step(self, model: StateDict, importance: StateDict, alpha: float) -> None:
+        """One merge, in place. w = αF_t/((1−α)F + αF_t); θ ← lerp(θ, θ_t, w)."""
+        sc = self.scratch
+        flats = zip(self.theta, self.imp, self.lay_imp.flats(model), self.lay_imp.flats(importance))
+        for th, f, tt, ft in flats:
+            cd = th.dtype
+            for s, e in _spans(th.numel()):
+                fc = f[s:e]
+                b = torch.mul(sc.cast(1, ft[s:e], cd), alpha, out=sc.get(0, e - s, cd, fc.device))
+                fc.mul_(1.0 - alpha).add_(b)  # F ← (1−α)F_prev + αF_t, the denominator
+                w = torch.div(b, fc, out=b)  # αF_t / denominator; 0/0 = NaN
+                torch.nan_to_num(w, nan=alpha, out=w)  # guard: zero denominator → weight α
+                torch.lerp(th[s:e], sc.cast(2, tt[s:e], cd), w, out=th[s:e])
+        for th, tt in zip(self.rest, self.lay_rest.flats(model)):
+            th.lerp_(tt.to(th.dtype), alpha)  # no importance: plain interpolation
+
+    def result(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        merged = {**self.lay_imp.unpack(self.theta, self.dtypes), **self.lay_rest.unpack(self.rest, self.dtypes)}
+        merged.update(self.carried)
+        imp = self.lay_imp.unpack(self.imp, self.imp_dtypes)
+        return {k: merged[k] for k in self.order}, {k: imp[k] for k in self.imp_order}
+
+
+@torch.no_grad()
+def importance_weighted(
+    prev: StateDict,
+    prev_importance: StateDict,
+    new: StateDict,
+    new_importance: StateDict,
+    alpha: float,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    r"""CMM's optimizer-state-weighted merge (Phan et al. 2025; ``interpolate_weights``).
+
+    .. math::
+        \theta = \frac{(1-\alpha)F_{prev}\,\theta_{prev} + \alpha F_t\,\theta_t}
+                      {(1-\alpha)F_{prev} + \alpha F_t}, \qquad
+        F = (1-\alpha)F_{prev} + \alpha F_t
+
+    Element-wise. F is Adam's ``exp_avg_sq`` (no bias correction) in the authors'
+    code; α is ``--alpha_merge`` (default 0.4). Returns ``(merged, importance)``.
+    ``merged`` is a full state dict with non-floating entries from ``prev``.
+    ``importance`` has the keys of ``prev_importance``, in its dtype.
+
+    The importances may cover only some floating keys of the model. Keys without
+    importance are interpolated plainly, :math:`(1-\alpha)\theta_{prev}+\alpha\theta_t`,
+    as the authors do for keys with no Fisher. F must be non-negative and
+    0 ≤ α ≤ 1.
+
+    The equation is evaluated as ``lerp(θ_prev, θ_t, w)`` with
+    :math:`w = \alpha F_t / ((1-\alpha)F_{prev}+\alpha F_t)`. That is the same
+    quantity, rounded differently. It is exactly θ_prev at α = 0 and exactly θ_t
+    at α = 1.
+
+    **Deviation (guard):** where the denominator is 0 (both importances 0), the
+    authors' code gives NaN. Here it falls back to plain interpolation
+    (1−α)θ_prev + αθ_t. A NaN in F also lands in this fallback.
+    """
+    alpha = _check_alpha(alpha)
+    mspec = _spec(prev, "prev")
+    _check(new, mspec, "new", "prev")
+    ispec = _check_importance(prev_importance, mspec, "prev_importance")
+    _check(new_importance, ispec, "new_importance", "prev_importance")
+    state = _CMMState(prev, prev_importance)
+    state.step(new, new_importance, alpha)
+    return state.result()
+
+
+@torch.no_grad()
+def continual_importance_merge(
+    models_and_importances: Iterable[tuple[StateDict, StateDict]], alpha: float
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    r"""Fold :func:`importance_weighted` over a stream of ``(θ_t, F_t)`` pairs (CMM).
+
+    :math:`(\theta, F) \leftarrow (\theta_1, F_1)`, then for t = 2..T
+    :math:`(\theta, F) \leftarrow \mathrm{merge}_\alpha(\theta, F, \theta_t, F_t)`.
+    Older tasks' importance is discounted by (1−α) at each step. Only the running
+    pair and the current pair are held, so memory does not depend on T (paper,
+    Sec. "constant memory"; the authors keep the merged model and ``fisher_{t}.pt``).
+
+    The running pair is kept in float32 (float64 for float64) across steps and
+    rounded to the input dtype once at the end. For float32 inputs the result is
+    bit-identical to chaining :func:`importance_weighted`. For float16/bfloat16 it
+    is slightly more accurate than rounding at every step, as the authors do. Same
+    guard as :func:`importance_weighted`.
+    """
+    alpha = _check_alpha(alpha)
+    state = mspec = ispec = None
+    n = 0
+    for pair in models_and_importances:
+        n += 1
+        try:
+            model, importance = pair
+        except (TypeError, ValueError):
+            raise TypeError(f"item {n} must be a (model, importance) pair") from None
+        if n == 1:
+            mspec = _spec(model, "model 1")
+            ispec = _check_importance(importance, mspec, "importance 1")
+            state = _CMMState(model, importance)
+        else:
+            _check(model, mspec, f"model {n}", "model 1")
+            _check(importance, ispec, f"importance {n}", "importance 1")
+            state.step(model, importance, alpha)
+        del pair, model, importance
+    if n == 0:
+        raise ValueError("expected at least one (model, importance) pair, got an empty iterable")
+    return state.result()
+
+
+@torch.no_grad()
+def linear_interpolation(a: StateDict, b: StateDict, alpha: float) -> dict[str, Tensor]:
+    r""":math:`\theta = (1-\alpha)\,\theta_a + \alpha\,\theta_b` (``torch.lerp``).
+
+    This is CMM's "linear interpolation (no Fisher)" ablation, which the committed
+    DIL script runs via ``if True:`` in ``interpolate_weights``, and it traces the
+    1-D paths in the loss-path figures. α may lie outside [0, 1] (extrapolation).
+    The result is exactly ``a`` at α = 0 and exactly ``b`` at α = 1. Non-floating
+    entries are copied from ``a``.
+    """
+    _check(b, _spec(a, "a"), "b", "a")
+    out = {}
+    for k, va in a.items():
+        if _is_float(va):
+            acc = _acc_dtype(va.dtype)
+            out[k] = torch.lerp(va.to(acc), b[k].to(acc), float(alpha)).to(va.dtype)
+        else:
+            out[k] = va.clone()
+    return out
+
+
+# ---------------------------------------------------------------------- DynaMMo
+
+BN_POLICIES = ("average", "last", "reset")
+
+
+def _is_bn_stat(key: str) -> str | None:
+    for suffix in ("running_mean", "running_var"):
+        if key.endswith(suffix):
+            return suffix
+    return None
+
+
+@torch.no_grad()
+def average_adapters(adapter_state_dicts: Iterable[StateDict], bn_policy: str = "average") -> dict[str, Tensor]:
+    r"""DynaMMo's adapter merge (Qazi et al. 2024, Sec. 2, merged inference):
+    :math:`\bar A = \frac1T \sum_t A_t`, element-wise over the adapters' state dicts.
+
+    Every floating entry is averaged, including the adapter's learnable scale α, as
+    in the released ``test_mode`` (which averages whole ``state_dict``-s through
+    an undefined ``average_dicts``; the element-wise mean is the natural reading).
+    BatchNorm running statistics (keys ending in ``running_mean`` /
+    ``running_var``) follow ``bn_policy``:
+
+    * ``"average"``: averaged like weights (the natural reading of the code).
+    * ``"last"``: taken from the newest (last) adapter.
+    * ``"reset"``: running_mean = 0, running_var = 1.
+
+    Non-floating entries (``num_batches_tracked``) come from the last adapter, under
+    every policy. The released code would average them too: ``torch.mean`` fails on
+    int64, hence this choice. Streaming: one running sum plus the current adapter.
+    The released code instead re-averages at every forward call.
+    """
+    if bn_policy not in BN_POLICIES:
+        raise ValueError(f"unknown bn_policy {bn_policy!r}; valid: {', '.join(map(repr, BN_POLICIES))}")
+    acc: dict[str, Tensor] = {}
+    last: dict[str, Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    order: list[str] = []
+    n = 0
+    for sd in _validated(adapter_state_dicts, "adapter state dict"):
+        n += 1
+        if n == 1:
+            order = list(sd)
+        last = {}
+        for k, v in sd.items():
+            averaged = _is_float(v) and (bn_policy == "average" or not _is_bn_stat(k))
+            if not averaged:
+                last[k] = v.clone()  # small: BN statistics and counters only
+            elif n == 1:
+                dtypes[k] = v.dtype
+                acc[k] = _owned(v, _acc_dtype(v.dtype))
+            else:
+                acc[k].add_(v)
+        del sd
+    out = {}
+    for k in order:
+        if k in acc:
+            out[k] = acc[k].div_(n).to(dtypes[k])
+        elif bn_policy == "reset" and _is_float(last[k]) and _is_bn_stat(k):
+            fill = 0.0 if _is_bn_stat(k) == "running_mean" else 1.0
+            out[k] = torch.full_like(last[k], fill)
+        else:
+            out[k] = last[k]
+    return out
+
+
+# ------------------------------------------------------------------- registry
+
+METHODS: dict[str, Callable[..., dict[str, Tensor]]] = {
+    "average": average,
+    "task_arithmetic": task_arithmetic,
+    "random": random_select,
+    "magmax": magmax,
+    "ties": ties,
+}
+
+
+def merge(name: str, task_vectors, **kw) -> dict[str, Tensor]:
+    """Run the T-vector rule ``METHODS[name]`` on ``task_vectors`` with keyword args ``kw``.
+
+    Example: ``merge("ties", tvs, density=0.2)``, ``merge("random", tvs, seed=5)``.
+    """
+    try:
+        fn = METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown merge method {name!r}; valid methods: {', '.join(sorted(METHODS))}") from None
+    return fn(task_vectors, **kw)

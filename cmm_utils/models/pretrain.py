@@ -1,0 +1,68 @@
+"""The book's own pretrained backbones, for machines that cannot download ImageNet or CLIP weights.
+
+The ``cpu`` and ``smoke`` profiles pretrain each backbone once on natural images (Fashion-MNIST
+plus the CIFAR-10 subset, as one 20-class problem), cache the weights as safetensors keyed by the
+whole configuration, and every chapter reuses them. The ``paper`` profile loads published weights.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..data import dataset_incremental, load_dataset
+from ..io import cache_root, config_key, load_meta, load_state, save_state
+from ..train import FitConfig, accuracy, device, fit, predict, seed_everything
+from .backbones import Classifier, build_backbone
+
+PRETRAIN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    sources: tuple[str, ...] = ("fashion_mnist", "cifar10_partial")
+    epochs: int = 3
+    lr: float = 2e-3
+    batch_size: int = 128
+    weight_decay: float = 0.05
+    max_per_split: int | None = None  # cap per source split (smoke)
+
+
+def pretrained_backbone(arch: str, *, scale: str, image_size: int, cfg: PretrainConfig = PretrainConfig(),
+                        seed: int = 0, verbose: bool = True) -> nn.Module:
+    """A backbone with pretrained weights: published ones (``paper``) or the book's cached ones."""
+    if scale == "paper":
+        return build_backbone(arch, scale=scale, image_size=image_size, pretrained=True)
+    key = {"arch": arch, "scale": scale, "image_size": image_size, "seed": seed,
+           "version": PRETRAIN_VERSION, **asdict(cfg)}
+    path = cache_root() / "backbones" / f"{arch}-{scale}-{image_size}px-{config_key(key)}.safetensors"
+    backbone = build_backbone(arch, scale=scale, image_size=image_size)
+    if path.exists():
+        backbone.load_state_dict(load_state(path))
+        if verbose:
+            meta = load_meta(path)
+            print(f"pretrained {arch} loaded from cache {path.name} "
+                  f"(source test accuracy {meta.get('source_test_accuracy', float('nan')):.3f})")
+        return backbone
+    seed_everything(seed)
+    backbone = build_backbone(arch, scale=scale, image_size=image_size)
+    sources = [load_dataset(name, seed=seed, size=image_size, channels=3, max_per_split=cfg.max_per_split)
+               for name in cfg.sources]
+    scenario = dataset_incremental(sources)
+    model = Classifier(backbone, scenario.num_classes).to(device())
+    start = time.time()
+    fit(model, scenario.joint("train"),
+        FitConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, optimizer="adamw",
+                  weight_decay=cfg.weight_decay, schedule="cosine"),
+        seed=seed, desc=f"pretrain {arch}")
+    test = scenario.joint("test")
+    acc = accuracy(predict(model, test), test.labels)
+    save_state(path, backbone.state_dict(),
+               {**key, "source_test_accuracy": acc, "seconds": time.time() - start,
+                "classes": list(scenario.class_names)})
+    if verbose:
+        print(f"pretrained {arch} on {'+'.join(cfg.sources)} in {time.time() - start:.0f}s, "
+              f"source test accuracy {acc:.3f}; cached at {path}")
+    return backbone.cpu()
