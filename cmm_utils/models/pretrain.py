@@ -66,3 +66,24 @@ def pretrained_backbone(arch: str, *, scale: str, image_size: int, cfg: Pretrain
         print(f"pretrained {arch} on {'+'.join(cfg.sources)} in {time.time() - start:.0f}s, "
               f"source test accuracy {acc:.3f}; cached at {path}")
     return backbone.cpu()
+
+
+# The book's pretraining per profile: every chapter calls ``book_backbone`` so they share one cache.
+PRETRAIN = {
+    "smoke": PretrainConfig(epochs=1, max_per_split=512),
+    "cpu": PretrainConfig(epochs=2),
+}
+BOOK_IMAGE_SIZE = {"smoke": 28, "cpu": 28, "paper": 224}
+
+
+def book_backbone(arch: str, profile: str, seed: int = 0, verbose: bool = True) -> nn.Module:
+    """The pretrained backbone a chapter starts from in ``profile``: the book's cached one at 28 px
+    (``smoke``, ``cpu``; pretraining seed fixed so all chapters and seeds share it) or the published
+    weights at 224 px (``paper``)."""
+    from ..profiles import check_profile
+
+    check_profile(profile)
+    if profile == "paper":
+        return pretrained_backbone(arch, scale="paper", image_size=BOOK_IMAGE_SIZE[profile])
+    return pretrained_backbone(arch, scale="cpu", image_size=BOOK_IMAGE_SIZE[profile],
+                               cfg=PRETRAIN[profile], seed=seed, verbose=verbose)

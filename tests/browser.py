@@ -1,0 +1,99 @@
+"""Visit every page of the built book in headless Chromium and report what a reader would hit:
+images that do not load, links to pages or anchors that do not exist, error output cells."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from urllib.parse import unquote, urldefrag, urlparse
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1280,900"]
+
+
+def chromium_available() -> bool:
+    return bool(shutil.which("chromium") and shutil.which("chromedriver"))
+
+
+def make_driver():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for flag in CHROMIUM_FLAGS:
+        opts.add_argument(flag)
+    opts.add_argument(f"--user-data-dir={tempfile.mkdtemp(prefix='cmm-chromium-')}")
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+
+
+WAIT_FOR_PAGE = """
+return new Promise(resolve => {
+  const done = () => (window.MathJax && MathJax.startup && MathJax.startup.promise)
+      ? MathJax.startup.promise.then(() => resolve()) : resolve();
+  if (document.readyState === 'complete') done(); else window.addEventListener('load', done);
+});
+"""
+
+PAGE_PROBE = """
+const imgs = [...document.images].map(i => ({src: i.currentSrc || i.src, ok: i.complete && i.naturalWidth > 0}));
+const refresh = document.querySelector('meta[http-equiv="Refresh" i]');
+const links = [...document.querySelectorAll('a[href]')].map(a => a.getAttribute('href'))
+    .concat(refresh ? [refresh.content.split('url=')[1]] : []);
+const ids = [...document.querySelectorAll('[id]')].map(e => e.id);
+const errors = [...document.querySelectorAll('.output.traceback, .output.error, .output.stderr')]
+    .map(e => e.innerText.slice(0, 200));
+const mathjax = document.querySelectorAll('mjx-container').length;
+const rawMath = [...document.querySelectorAll('.math')].filter(e => !e.querySelector('mjx-container')).length;
+return {imgs, links, ids, errors, title: document.title, mathjax, rawMath};
+"""
+
+
+def crawl(html_dir: Path, driver, screenshot_dir: Path | None = None) -> tuple[list[str], list[str]]:
+    """Pages visited and problems found, starting at index.html and following internal links."""
+    html_dir = html_dir.resolve()
+    todo, seen, problems, anchors_needed, ids_by_page = [html_dir / "index.html"], set(), [], [], {}
+    while todo:
+        page = todo.pop()
+        if page in seen:
+            continue
+        seen.add(page)
+        driver.get(page.as_uri())
+        driver.execute_script(WAIT_FOR_PAGE)
+        info = driver.execute_script(PAGE_PROBE)
+        landed = Path(unquote(urlparse(driver.current_url).path))
+        if landed != page:  # a meta-refresh redirect (index.html -> the root page) was followed
+            seen.add(landed)
+            page = landed
+        rel = page.relative_to(html_dir)
+        ids_by_page[page] = set(info["ids"])
+        if screenshot_dir is not None:
+            screenshot_dir.mkdir(parents=True, exist_ok=True)
+            driver.save_screenshot(str(screenshot_dir / (str(rel).replace("/", "_") + ".png")))
+        for img in info["imgs"]:
+            if not img["ok"]:
+                problems.append(f"{rel}: image does not load: {img['src']}")
+        if info["rawMath"]:
+            problems.append(f"{rel}: {info['rawMath']} maths elements not typeset by MathJax")
+        for err in info["errors"]:
+            problems.append(f"{rel}: error output cell: {err!r}")
+        for href in info["links"]:
+            parsed = urlparse(href)
+            if parsed.scheme in ("http", "https", "mailto", "javascript") or href.startswith("#") and len(href) == 1:
+                continue
+            target_path, fragment = urldefrag(href)
+            target = (page.parent / unquote(target_path)).resolve() if target_path else page
+            if not target.exists():
+                problems.append(f"{rel}: broken link {href}")
+                continue
+            if fragment:
+                anchors_needed.append((rel, target, fragment))
+            if target.suffix == ".html" and html_dir in target.parents and target not in seen:
+                if not target.name.startswith(("genindex", "search")):
+                    todo.append(target)
+    for rel, target, fragment in anchors_needed:
+        if target in ids_by_page and fragment not in ids_by_page[target]:
+            problems.append(f"{rel}: link to a missing anchor {target.name}#{fragment}")
+    return [str(p.relative_to(html_dir)) for p in sorted(seen)], problems

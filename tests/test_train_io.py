@@ -1,0 +1,100 @@
+"""Training loop, schedules, checkpoints and artifacts."""
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cmm_utils.data import LabeledImages
+from cmm_utils.io import atomic_path, cached_state, config_key, load_meta, load_state, save_state
+from cmm_utils.profiles import check_profile, select
+from cmm_utils.train import FitConfig, fit, lr_factor, make_optimizer, predict, seed_everything
+
+
+def toy_data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    images = (labels.view(-1, 1, 1, 1) * 80 + torch.randint(0, 40, (n, 3, 8, 8), generator=g)).to(torch.uint8)
+    return LabeledImages(images, labels)
+
+
+def toy_model():
+    return nn.Sequential(nn.Flatten(), nn.Linear(192, 3))
+
+
+def test_warmup_cosine_is_mlfoundations_cosine_lr():
+    assert lr_factor(0, 1000, "warmup_cosine", warmup=500) == pytest.approx(1 / 500)
+    assert lr_factor(499, 1000, "warmup_cosine", warmup=500) == pytest.approx(1.0)
+    assert lr_factor(750, 1000, "warmup_cosine", warmup=500) == pytest.approx(0.5)
+    # a task shorter than the warm-up ends still warming up (the authors' quirk for large T)
+    assert lr_factor(399, 400, "warmup_cosine", warmup=500) == pytest.approx(0.8)
+    assert lr_factor(130, 200, "multistep", milestones=(70, 130, 170)) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_factor(0, 1, "linear")
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        make_optimizer([nn.Parameter(torch.zeros(1))], "lion", 0.1)
+
+
+def test_fit_learns_and_is_deterministic():
+    data = toy_data()
+    outs = []
+    for _ in range(2):
+        seed_everything(0)
+        model = toy_model()
+        res = fit(model, data, FitConfig(epochs=5, lr=0.05, batch_size=16, optimizer="sgd", augment=True), seed=1)
+        outs.append(predict(model, data))
+    assert torch.equal(outs[0], outs[1])
+    assert res.losses[-1] < res.losses[0]
+    assert float((outs[0].argmax(1) == data.labels).float().mean()) > 0.9
+
+
+def test_max_steps_caps_training():
+    res = fit(toy_model(), toy_data(), FitConfig(epochs=10, batch_size=8, max_steps=3))
+    assert res.steps == 3
+
+
+def test_adam_state_is_returned_for_importance():
+    res = fit(toy_model(), toy_data(), FitConfig(epochs=1, batch_size=16, optimizer="adamw"))
+    assert all("exp_avg_sq" in s for s in res.optimizer.state.values())
+
+
+def test_save_load_state_roundtrip_with_meta(tmp_path):
+    sd = toy_model().state_dict()
+    save_state(tmp_path / "m.safetensors", sd, {"task": 3})
+    back = load_state(tmp_path / "m.safetensors")
+    assert all(torch.equal(sd[k], back[k]) for k in sd) and load_meta(tmp_path / "m.safetensors") == {"task": 3}
+
+
+def test_atomic_write_leaves_nothing_when_interrupted(tmp_path):
+    dest = tmp_path / "out.csv"
+    with pytest.raises(RuntimeError):
+        with atomic_path(dest) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert not dest.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cached_state_resumes_without_recomputing(tmp_path):
+    calls = []
+    compute = lambda: (calls.append(1), {"w": torch.ones(2)})[1]
+    a = cached_state(tmp_path / "c.safetensors", compute)
+    b = cached_state(tmp_path / "c.safetensors", compute)
+    assert len(calls) == 1 and torch.equal(a["w"], b["w"])
+
+
+def test_config_key_changes_with_any_parameter():
+    assert config_key({"a": 1, "b": 2}) == config_key({"b": 2, "a": 1})
+    assert config_key({"a": 1}) != config_key({"a": 2})
+
+
+def test_profiles():
+    table = {"smoke": {"epochs": 1}, "cpu": {"epochs": 5}, "paper": {"epochs": 10}}
+    assert select(table, "cpu") == {"epochs": 5}
+    assert select(table, "cpu", epochs=None) == {"epochs": 5}
+    assert select(table, "smoke", epochs=3) == {"epochs": 3}
+    with pytest.raises(ValueError, match="unknown profile 'fast'.*smoke, cpu, paper"):
+        check_profile("fast")
+    with pytest.raises(ValueError, match="unknown setting 'epoch'"):
+        select(table, "cpu", epoch=3)
