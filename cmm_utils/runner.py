@@ -32,8 +32,13 @@ def runs_dir(profile: str) -> Path:
     return Path(os.environ.get("CMM_RUNS") or REPO_ROOT / "runs") / check_profile(profile)
 
 
+# Chapters run in book order: the leaderboard reads the artifacts of the chapters before it.
+BOOK_ORDER = ("00_data", "magmax", "cmm", "dynammo", "medmerge", "leaderboard")
+
+
 def notebooks(only: list[str] | None = None) -> list[Path]:
-    found = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+    rank = {name: i for i, name in enumerate(BOOK_ORDER)}
+    found = sorted(NOTEBOOK_DIR.glob("*.ipynb"), key=lambda p: (rank.get(p.stem, len(rank)), p.stem))
     if only:
         names = {p.stem: p for p in found}
         missing = [n for n in only if n not in names]
@@ -118,6 +123,41 @@ def write_run_log_page(profile: str) -> Path:
     return page
 
 
+CHAPTERS = {"magmax": "MagMax", "cmm": "Holistic continual model merging (CMM)",
+            "dynammo": "DynaMMo", "medmerge": "MedMerge"}
+
+
+def write_verdicts_page(profile: str) -> Path:
+    """``book/verdicts.md`` (included by the front page): per paper, what reproduced and what did
+    not, read from each chapter's ``results/<profile>/<chapter>/verdict.json`` of this build."""
+    import json
+
+    from .io import results_root
+
+    lines = [f"Verdicts of this build (profile **{profile}**, commit `{git_commit()}`), written by the "
+             "chapters from their own results:\n"]
+    for chapter, title in CHAPTERS.items():
+        path = results_root() / profile / chapter / "verdict.json"
+        lines.append(f"### {title}\n")
+        if not path.exists():
+            lines.append("Not run in this build.\n")
+            continue
+        verdict = json.loads(path.read_text())
+        lines.append(verdict.get("summary", "") + "\n")
+        claims = verdict.get("claims", [])
+        if claims:
+            lines.append("| claim | paper | ours | supported |\n|---|---|---|---|")
+            mark = {True: "yes", False: "**no**", None: "not tested here"}
+            for c in claims:
+                cells = [str(c.get(k, "")).replace("|", "/").replace("\n", " ") for k in ("claim", "paper_value", "ours")]
+                lines.append(f"| {cells[0]} | {cells[1]} | {cells[2]} | {mark.get(c.get('supported'), c.get('supported'))} |")
+            lines.append("")
+        lines.append(f"Rerun: `{verdict.get('rerun', 'make book PROFILE=' + profile)}`\n")
+    page = REPO_ROOT / "book" / "verdicts.md"
+    page.write_text("\n".join(lines) + "\n")
+    return page
+
+
 def build_book(profile: str, builder: str = "html") -> Path:
     """Copy the profile's executed notebooks into ``book/chapters`` and run ``jupyter-book build``."""
     src = runs_dir(profile) / "notebooks"
@@ -127,6 +167,7 @@ def build_book(profile: str, builder: str = "html") -> Path:
     for nb in sorted(src.glob("*.ipynb")):
         shutil.copy2(nb, CHAPTER_DIR / nb.name)
     write_run_log_page(profile)
+    write_verdicts_page(profile)
     cmd = [sys.executable, "-m", "jupyter_book", "build", str(REPO_ROOT), "--builder", builder,
            "--path-output", str(REPO_ROOT), "-W", "-n", "--keep-going"]
     jb = shutil.which("jupyter-book", path=str(Path(sys.executable).parent))

@@ -6,6 +6,7 @@ whole configuration, and every chapter reuses them. The ``paper`` profile loads 
 """
 from __future__ import annotations
 
+import fcntl
 import time
 from dataclasses import asdict, dataclass
 
@@ -38,6 +39,14 @@ def pretrained_backbone(arch: str, *, scale: str, image_size: int, cfg: Pretrain
     key = {"arch": arch, "scale": scale, "image_size": image_size, "seed": seed,
            "version": PRETRAIN_VERSION, **asdict(cfg)}
     path = cache_root() / "backbones" / f"{arch}-{scale}-{image_size}px-{config_key(key)}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One process pretrains; concurrent ones (parallel notebooks, tests) wait for it and load.
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _load_or_pretrain(path, key, arch, scale, image_size, cfg, seed, verbose)
+
+
+def _load_or_pretrain(path, key, arch, scale, image_size, cfg, seed, verbose) -> nn.Module:
     backbone = build_backbone(arch, scale=scale, image_size=image_size)
     if path.exists():
         backbone.load_state_dict(load_state(path))
@@ -71,7 +80,7 @@ def pretrained_backbone(arch: str, *, scale: str, image_size: int, cfg: Pretrain
 # The book's pretraining per profile: every chapter calls ``book_backbone`` so they share one cache.
 PRETRAIN = {
     "smoke": PretrainConfig(epochs=1, max_per_split=512),
-    "cpu": PretrainConfig(epochs=2),
+    "cpu": PretrainConfig(epochs=2, max_per_split=15000),
 }
 BOOK_IMAGE_SIZE = {"smoke": 28, "cpu": 28, "paper": 224}
 
