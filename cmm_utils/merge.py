@@ -48,8 +48,8 @@ References
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Union
 
 import torch
@@ -74,10 +74,20 @@ __all__ = [
 StateDict = Mapping[str, Tensor]
 TwoPassSource = Union[Sequence[StateDict], Callable[[], Iterable[StateDict]]]
 
-# Elements per chunk in the selection and CMM kernels. Running their 3-4 elementwise
-# ops over chunks that fit in cache reads each input once from DRAM instead of once
-# per op. 2**17 was fastest on the benchmark machine (see benchmarks/README.md).
-_CHUNK = 1 << 17
+# The selection and CMM kernels run their 3-5 elementwise ops chunk by chunk. A
+# chunk that stays in L2 is read from DRAM once rather than once per op.
+# With 2**16 elements per intra-op thread (256 KB per float32 operand), chunks fit
+# the 1 MB L2 per core of the benchmark machine. Chunks from 2**15 to 2**18
+# timed the same there; whole tensors were about 1.5x slower (benchmarks/README.md).
+_CHUNK_PER_THREAD = 1 << 16
+# Tensors smaller than this are packed together (see _Layout). The threshold is
+# fixed, not thread-dependent, so that random_select's draws do not depend on the
+# thread count: the generator is consumed element by element in layout order.
+_PACK_BELOW = 1 << 17
+
+
+def _chunk() -> int:
+    return _CHUNK_PER_THREAD * max(1, torch.get_num_threads())
 
 
 # --------------------------------------------------------------------------- helpers
@@ -154,24 +164,24 @@ def _float_keys(sd: StateDict) -> list[str]:
     return [k for k, v in sd.items() if _is_float(v)]
 
 
-def _spans(n: int) -> Iterator[tuple[int, int]]:
-    for s in range(0, n, _CHUNK):
-        yield s, min(n, s + _CHUNK)
-
-
 class _Scratch:
     """Reusable chunk-sized buffers, one per (slot, dtype, device)."""
 
     def __init__(self) -> None:
         self._bufs: dict = {}
+        self._views: dict = {}  # slicing costs a dispatch: cache the views too
 
     def get(self, slot: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        key = (slot, dtype, device)
-        buf = self._bufs.get(key)
-        if buf is None or buf.numel() < n:
-            buf = torch.empty(_CHUNK if n <= _CHUNK else n, dtype=dtype, device=device)
-            self._bufs[key] = buf
-        return buf[:n]
+        key = (slot, n, dtype, device)
+        view = self._views.get(key)
+        if view is None:
+            bkey = (slot, dtype, device)
+            buf = self._bufs.get(bkey)
+            if buf is None or buf.numel() < n:
+                buf = self._bufs[bkey] = torch.empty(n, dtype=dtype, device=device)
+                self._views = {k: v for k, v in self._views.items() if k[0] != slot or k[2:] != bkey[1:]}
+            view = self._views[key] = buf[:n]
+        return view
 
     def cast(self, slot: int, x: Tensor, dtype: torch.dtype) -> Tensor:
         """``x`` in ``dtype``: ``x`` itself if it already has it, else a scratch copy."""
@@ -184,7 +194,7 @@ class _Layout:
     A kernel call costs a few microseconds, whatever the tensor size. Many small
     tensors (biases, norms) therefore cost more in calls than in data: ResNet-18 has
     88 float tensors under 2**17 elements, 2 % of its parameters. Tensors smaller
-    than one chunk that share dtypes and device are packed into one flat buffer in
+    than ``_PACK_BELOW`` that share dtypes and device are packed into one flat buffer in
     the running state, and the matching inputs are concatenated (``torch.cat``)
     at each step, so one chunked kernel covers them all. Larger tensors are
     processed on their own.
@@ -195,7 +205,7 @@ class _Layout:
         single: list[list[str]] = []
         for k in keys:
             v = refs[0][k]
-            if v.numel() < _CHUNK:
+            if v.numel() < _PACK_BELOW:
                 packed.setdefault(tuple(r[k].dtype for r in refs) + (v.device,), []).append(k)
             else:
                 single.append([k])
@@ -244,10 +254,14 @@ class _Running:
         self.dtypes = {k: sd[k].dtype for k in keys}
         self.layout = _Layout(keys, [sd])
         self.flats = self.layout.own(sd, {k: state_dtype(d) for k, d in self.dtypes.items()})
+        self.chunk = _chunk()
+        self.chunks = [f.split(self.chunk) for f in self.flats]  # views, made once for all steps
         self.carried = {k: v.clone() for k, v in sd.items() if not _is_float(v)}
 
-    def pairs(self, sd: StateDict) -> Iterator[tuple[Tensor, Tensor]]:
-        return zip(self.flats, self.layout.flats(sd))
+    def update(self, sd: StateDict, step, t: int) -> None:
+        # A method, so that no view of ``sd`` outlives the call in a local variable.
+        for cur, new in zip(self.chunks, self.layout.flats(sd)):
+            step(cur, new.split(self.chunk), t)
 
     def result(self) -> dict[str, Tensor]:
         out = self.layout.unpack(self.flats, self.dtypes)
@@ -260,7 +274,11 @@ def _keep(dtype: torch.dtype) -> torch.dtype:
 
 
 def _stream(task_vectors: Iterable[StateDict], step, state_dtype=_keep) -> tuple[_Running, int]:
-    """Fold ``step(cur_flat, new_flat, t)`` over validated task vectors (t is 1-based)."""
+    """Fold ``step(cur_chunks, new_chunks, t)`` over validated task vectors.
+
+    ``t`` is 1-based. ``cur_chunks`` are views of the running state,
+    ``new_chunks`` the matching views of the t-th vector, ``_chunk()`` elements each.
+    """
     run = None
     t = 0
     for tv in _validated(task_vectors):
@@ -268,8 +286,7 @@ def _stream(task_vectors: Iterable[StateDict], step, state_dtype=_keep) -> tuple
         if t == 1:
             run = _Running(tv, state_dtype)
         else:
-            for cur, new in run.pairs(tv):
-                step(cur, new, t)
+            run.update(tv, step, t)
         del tv
     return run, t
 
@@ -318,8 +335,9 @@ def apply(base: StateDict, task_vector: StateDict, scale: float = 1.0) -> dict[s
 # ---------------------------------------------------------- T-vector merge rules
 
 
-def _add_(cur: Tensor, new: Tensor, t: int) -> None:
-    cur.add_(new)
+def _add_(cur: Sequence[Tensor], new: Sequence[Tensor], t: int) -> None:
+    for cc, nc in zip(cur, new):
+        cc.add_(nc)
 
 
 @torch.no_grad()
@@ -374,11 +392,10 @@ def magmax(task_vectors: Iterable[StateDict]) -> dict[str, Tensor]:
     """
     scratch = _Scratch()
 
-    def step(cur: Tensor, new: Tensor, t: int) -> None:
-        for s, e in _spans(cur.numel()):
-            cc, nc = cur[s:e], new[s:e]
-            a = torch.abs(nc, out=scratch.get(0, e - s, cc.dtype, cc.device))
-            b = torch.abs(cc, out=scratch.get(1, e - s, cc.dtype, cc.device))
+    def step(cur: Sequence[Tensor], new: Sequence[Tensor], t: int) -> None:
+        for cc, nc in zip(cur, new):
+            a = torch.abs(nc, out=scratch.get(0, cc.numel(), cc.dtype, cc.device))
+            b = torch.abs(cc, out=scratch.get(1, cc.numel(), cc.dtype, cc.device))
             torch.ge(a, b, out=a)  # 1.0 where |new| >= |cur| (tie -> later task), else 0.0
             torch.lerp(cc, nc, a, out=cc)
 
@@ -401,22 +418,23 @@ def random_select(task_vectors: Iterable[StateDict], seed: int) -> dict[str, Ten
     :math:`\frac1i\prod_{j=i+1}^{T}(1-\frac1j) = \frac1T`, the same uniform
     distribution as the authors' rule (up to the generator's modulo bias,
     < t·2⁻³²). The random bits differ from theirs, so the same seed does not give
-    their mask. The draws follow the internal chunking and packing of keys, so
-    results are reproducible for a fixed seed, set of keys and shapes, and torch
-    version; a list and a generator of the same vectors give the same result.
+    their mask. There is one draw per element and step, in a fixed element order
+    (the key packing does not depend on the thread count). Results are therefore
+    reproducible for a fixed seed, set of keys and shapes, and torch version,
+    whatever the number of threads. A list and a generator of the same vectors
+    give the same result.
     CPU tensors only (the generator is a CPU one). The paper applies the result
     with λ = 1.
     """
     gen = torch.Generator().manual_seed(int(seed))
     scratch = _Scratch()
 
-    def step(cur: Tensor, new: Tensor, t: int) -> None:
-        if cur.device.type != "cpu":
-            raise ValueError(f"random_select supports CPU tensors only, found {cur.device}")
-        for s, e in _spans(cur.numel()):
-            cc, nc = cur[s:e], new[s:e]
-            draw = scratch.get(0, e - s, torch.int32, cc.device).random_(0, t, generator=gen)
-            pick = torch.eq(draw, 0, out=scratch.get(1, e - s, cc.dtype, cc.device))  # P = 1/t
+    def step(cur: Sequence[Tensor], new: Sequence[Tensor], t: int) -> None:
+        for cc, nc in zip(cur, new):
+            if cc.device.type != "cpu":
+                raise ValueError(f"random_select supports CPU tensors only, found {cc.device}")
+            draw = scratch.get(0, cc.numel(), torch.int32, cc.device).random_(0, t, generator=gen)
+            pick = torch.eq(draw, 0, out=scratch.get(1, cc.numel(), cc.dtype, cc.device))  # P = 1/t
             torch.lerp(cc, nc, pick, out=cc)
 
     return _stream(task_vectors, step)[0].result()
@@ -488,8 +506,8 @@ def ties(task_vectors: TwoPassSource, density: float = 0.2, scope: str = "global
     with all T vectors held by the caller) or a zero-argument callable returning a
     fresh iterable for each pass. The callable is the streaming version: it holds
     only the current vector plus about three vectors of state (sum, then int8
-    signs + sum + count), plus one flattened |τ| copy for ``kthvalue`` in global
-    scope. A one-shot iterator or generator raises ``TypeError``. The authors'
+    signs + sum + count). In global scope, ``kthvalue`` also needs the flattened
+    |τ_t| and its internal copy: two more vectors, briefly. A one-shot iterator or generator raises ``TypeError``. The authors'
     code ``vstack``-s all T flattened vectors (T × d, plus copies).
     """
     if scope not in ("global", "per_tensor"):
@@ -579,6 +597,9 @@ class _CMMState:
         self.lay_imp = _Layout(list(importance), [model, importance])
         self.theta = self.lay_imp.own(model, compute)
         self.imp = self.lay_imp.own(importance, compute)
+        self.chunk = _chunk()
+        self.theta_chunks = [f.split(self.chunk) for f in self.theta]
+        self.imp_chunks = [f.split(self.chunk) for f in self.imp]
         rest = [k for k in fkeys if k not in importance]
         self.lay_rest = _Layout(rest, [model])
         self.rest = self.lay_rest.own(model, {k: _acc_dtype(self.dtypes[k]) for k in rest})
@@ -588,16 +609,15 @@ class _CMMState:
     def step(self, model: StateDict, importance: StateDict, alpha: float) -> None:
         """One merge, in place. w = αF_t/((1−α)F + αF_t); θ ← lerp(θ, θ_t, w)."""
         sc = self.scratch
-        flats = zip(self.theta, self.imp, self.lay_imp.flats(model), self.lay_imp.flats(importance))
-        for th, f, tt, ft in flats:
-            cd = th.dtype
-            for s, e in _spans(th.numel()):
-                fc = f[s:e]
-                b = torch.mul(sc.cast(1, ft[s:e], cd), alpha, out=sc.get(0, e - s, cd, fc.device))
+        flats = zip(self.theta_chunks, self.imp_chunks, self.lay_imp.flats(model), self.lay_imp.flats(importance))
+        for th_chunks, f_chunks, tt, ft in flats:
+            for th, fc, tc, fn in zip(th_chunks, f_chunks, tt.split(self.chunk), ft.split(self.chunk)):
+                cd, n = th.dtype, th.numel()
+                b = torch.mul(sc.cast(1, fn, cd), alpha, out=sc.get(0, n, cd, th.device))
                 fc.mul_(1.0 - alpha).add_(b)  # F ← (1−α)F_prev + αF_t, the denominator
                 w = torch.div(b, fc, out=b)  # αF_t / denominator; 0/0 = NaN
                 torch.nan_to_num(w, nan=alpha, out=w)  # guard: zero denominator → weight α
-                torch.lerp(th[s:e], sc.cast(2, tt[s:e], cd), w, out=th[s:e])
+                torch.lerp(th, sc.cast(2, tc, cd), w, out=th)
         for th, tt in zip(self.rest, self.lay_rest.flats(model)):
             th.lerp_(tt.to(th.dtype), alpha)  # no importance: plain interpolation
 
@@ -748,36 +768,29 @@ def average_adapters(adapter_state_dicts: Iterable[StateDict], bn_policy: str = 
     """
     if bn_policy not in BN_POLICIES:
         raise ValueError(f"unknown bn_policy {bn_policy!r}; valid: {', '.join(map(repr, BN_POLICIES))}")
-    acc: dict[str, Tensor] = {}
-    last: dict[str, Tensor] = {}
-    dtypes: dict[str, torch.dtype] = {}
     order: list[str] = []
-    n = 0
-    for sd in _validated(adapter_state_dicts, "adapter state dict"):
-        n += 1
-        if n == 1:
-            order = list(sd)
-        last = {}
-        for k, v in sd.items():
-            averaged = _is_float(v) and (bn_policy == "average" or not _is_bn_stat(k))
-            if not averaged:
-                last[k] = v.clone()  # small: BN statistics and counters only
-            elif n == 1:
-                dtypes[k] = v.dtype
-                acc[k] = _owned(v, _acc_dtype(v.dtype))
-            else:
-                acc[k].add_(v)
-        del sd
-    out = {}
-    for k in order:
-        if k in acc:
-            out[k] = acc[k].div_(n).to(dtypes[k])
-        elif bn_policy == "reset" and _is_float(last[k]) and _is_bn_stat(k):
-            fill = 0.0 if _is_bn_stat(k) == "running_mean" else 1.0
-            out[k] = torch.full_like(last[k], fill)
+    last: dict[str, Tensor] = {}
+
+    def averaged(k: str, v: Tensor) -> bool:
+        return _is_float(v) and (bn_policy == "average" or not _is_bn_stat(k))
+
+    def split(stream: Iterable[StateDict]) -> Iterator[dict[str, Tensor]]:
+        for sd in _validated(stream, "adapter state dict"):
+            if not order:
+                order.extend(sd)
+            last.clear()
+            last.update({k: v.clone() for k, v in sd.items() if not averaged(k, v)})  # small
+            yield {k: v for k, v in sd.items() if averaged(k, v)}
+            del sd
+
+    out = average(split(adapter_state_dicts))
+    for k, v in last.items():
+        stat = _is_bn_stat(k)
+        if bn_policy == "reset" and stat and _is_float(v):
+            out[k] = torch.full_like(v, 0.0 if stat == "running_mean" else 1.0)
         else:
-            out[k] = last[k]
-    return out
+            out[k] = v
+    return {k: out[k] for k in order}
 
 
 # ------------------------------------------------------------------- registry
