@@ -56,7 +56,11 @@ def batches(data: LabeledImages, batch_size: int, *, shuffle: bool, generator: t
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, weight_decay: float = 0.0,
                    momentum: float = 0.9) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+    params = list(params)
+    if params and isinstance(params[0], dict):  # parameter groups, e.g. {"params": [...], "lr": ...}
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+    else:
+        params = [p for p in params if p.requires_grad]
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "adam":
@@ -115,7 +119,8 @@ def fit(model: nn.Module, data: LabeledImages, cfg: FitConfig, *, seed: int = 0,
         desc: str = "train", train_mode: Callable[[nn.Module], None] | None = None) -> FitResult:
     """Fit ``model`` on ``data`` with a seeded order; ``loss_fn(model, x, y)`` defaults to CE.
 
-    ``params`` restricts what is optimised (default: parameters with ``requires_grad``);
+    ``params`` restricts what is optimised (default: parameters with ``requires_grad``); it may
+    also be a list of optimizer parameter groups (dicts with ``"params"`` and e.g. ``"lr"``);
     ``train_mode`` sets train/eval per module (default ``model.train()``), e.g. to keep a
     frozen backbone's BatchNorm statistics fixed.
     """
@@ -140,7 +145,9 @@ def fit(model: nn.Module, data: LabeledImages, cfg: FitConfig, *, seed: int = 0,
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for g in params for p in g["params"]] if isinstance(params[0], dict) else params,
+                        cfg.clip_grad)
                 opt.step()
                 sched.step()
                 result.losses.append(float(loss.detach()))

@@ -1,0 +1,860 @@
+"""DynaMMo (Qazi et al., MIUA 2024, arXiv:2404.14099) and its baselines, as plain functions.
+
+The method (paper Sec. 2, figure "Adapter tuning / Merging and finetuning head"; research note
+``dynammo_medmerge_code.md`` §1.3, which reads the released code):
+
+1. **Stage 1 (adapter tuning)**, per task ``t``: a frozen pretrained ResNet with one residual
+   adapter per stage for task ``t`` (:class:`cmm_utils.adapters.AdapterNet`), trained with a
+   head ``Linear(d, n_t + 1)`` on the task's data plus the exemplar memory, whose old-class samples
+   are labelled "others" (index ``n_t``). SGD 0.01, momentum 0.9, wd 5e-4, 200 epochs,
+   milestones [70, 130, 170], batch 32. At task 0 the kept head is this head.
+2. **Memory**: iCaRL herding on L2-normalised features of task ``t``'s path, a fixed total budget
+   split evenly over the seen classes (old classes truncated, keeping herding order).
+3. **Merge**: ``Ā = 1/T Σ_t A_t`` (:func:`cmm_utils.merge.average_adapters`), once per task.
+4. **Stage 2 (balanced head fine-tuning)**, ``t > 0``: every head, on features of the merged
+   adapters, trained on the class-balanced set (the memory after its update: ``m`` herded
+   exemplars per old class and per new class); loss ``Σ_{i present in batch} CE(head_i(f̄), y_i)``
+   with ``y_i`` the local label or "others". Adam 1e-3, 100 epochs [55, 80] (50 [15, 35] on CIFAR100).
+5. **Inference**: one pass through the merged adapters, all heads on that feature, the task with
+   the lowest "others" probability, then its best class (:func:`cmm_utils.adapters.min_others_scores`).
+
+ACL (Zhang et al., MICCAI 2023) is the same pipeline with each head reading its own task's
+adapter path in stage 2 and at inference (T passes); it shares stage 1 and the memory with
+DynaMMo exactly (stage 2 never feeds back into stage 1), so :func:`adapter_stage1` is run once
+and both methods read it. Baselines: DER in its *expandable representation* sense (Yan et al.,
+CVPR 2021; not Dark Experience Replay): one backbone per task, features concatenated, one
+classifier (:class:`ExpandableNet`); sequential fine-tuning; joint training on all data so far.
+
+Deliberate deviations from the authors' code (each said again where it happens):
+- the released configs run ACL and the merge cannot run (undefined ``average_dicts``); here the
+  merge is done as the paper and the orphan ``dynammo_cl_net .py`` intend, once per task;
+- stage 2 trains the heads on *precomputed* features of the balanced set and of its horizontally
+  flipped copy, choosing the flip per sample and step: with the backbone and adapters frozen (eval
+  mode) this is exactly training with random flips, at a fraction of the cost;
+- herding uses test-time (unflipped) images; the code extracts them with training transforms;
+- no open-set evaluation; the book's pinned protocol (:mod:`cmm_utils.continual`) is used, and
+  mean class recall (the code's ``mcr``) is recorded for every run;
+- DER: no pruning mask (as in the authors' ``dynamic_er`` baseline); its balanced classifier
+  re-training runs for ``t > 0`` like DynaMMo's stage 2; trained backbones keep BatchNorm in
+  training mode (full fine-tuning), only DynaMMo/ACL's backbone is frozen; weight decay 5e-4 as in
+  stage 1 (the DER YAMLs' value was not recorded);
+- ACL at inference runs the stem (which has no adapter) once and repeats only the four stages per
+  task; the released code repeats the whole network, so its cost ratio would be exactly ``T``;
+- fine-tuning and joint training use stage 1's SGD schedule (their YAMLs were not recorded);
+- images are normalised with ImageNet statistics (:func:`cmm_utils.train.to_float`), not the
+  per-dataset statistics of the authors' transforms;
+- the ``cpu`` profile caps each training at ``train_steps`` optimiser steps per task and
+  ``max_train_per_task`` images per task (class-stratified), for its time budget.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import AdapterNet, min_others_scores
+from .benchmarks import BACKBONE, BENCHMARKS, CLASS_ORDER_SEED, SMOKE_MAX_PER_SPLIT, load_benchmark
+from .continual import (ContinualResult, cached_run, evaluate_after_task, gflops_per_image, predictions,
+                        seen_mask, state_bytes)
+from .data import LabeledImages, Scenario, Task, class_incremental, load_dataset, make_split
+from .io import cache_root, config_key, load_meta, load_state, save_state
+from .metrics import mean_class_recall
+from .models import BOOK_IMAGE_SIZE, Classifier, book_backbone
+from .profiles import check_profile
+from .train import FitConfig, device, fit, lr_factor, make_optimizer, predict, seed_everything
+
+CHAPTER = "dynammo"
+METHODS = ("dynammo", "acl", "der", "finetune", "joint")
+METHOD_LABELS = {"dynammo": "DynaMMo (merged adapters)", "acl": "ACL (per-task adapter paths)",
+                 "der": "DER (expandable representation)", "finetune": "Fine-tuning",
+                 "joint": "Joint training"}
+VERSION = 2
+
+# What the paper claims (abstract, /work/shared/papers/dynammo.txt) and the ACL paper's curves the
+# DynaMMo repository ships (visualize/draw.ipynb; research note §1.9, averages computed there).
+PAPER = {
+    "gflops_reduction": 10.0,          # "around 10-fold reduction in GFLOPS" vs dynamic expansion
+    "avg_acc_drop": 2.76,              # "a small drop of 2.76 in average accuracy"
+    "acl_reference": {                 # ACL paper, avg / last (%), research note §1.9
+        "CIFAR100": {"acl": (82.50, 73.02), "der": (78.59, 64.97)},
+        "SKIN8 (MCR)": {"acl": (66.89, 50.69), "der": (60.24, 39.47)},
+        "PATH16": {"acl": (76.57, 73.24), "der": (74.45, 69.87)},
+    },
+}
+
+# ---------------------------------------------------------------------------------- scenarios
+# ``stands_in_for``: the paper dataset a 28 px scenario replaces. ``memory``: exemplar budget;
+# None = 5 per class of the scenario, which is exactly the paper's budget for SKIN8 (40 / 8
+# classes) and PATH16 (80 / 16).
+SCENARIOS = {
+    "ham10000-cil": {"kind": "benchmark", "stands_in_for": "SKIN8", "metric": "mcr", "memory": None},
+    "pathmnist_1k": {"kind": "class-incremental", "dataset": "pathmnist_1k", "n_tasks": 4,
+                     "stands_in_for": "PATH16", "metric": "acc", "memory": None},
+    "medical-dil": {"kind": "benchmark", "stands_in_for": None, "metric": "acc", "memory": None},
+    "cifar100": {"kind": "class-incremental", "dataset": "cifar100", "n_tasks": 10, "order": "np1993",
+                 "stands_in_for": "CIFAR100", "metric": "acc", "memory": 2000},
+    "skin8": {"kind": "groups", "dataset": "skin8", "task_sizes": (2, 2, 2, 2), "stands_in_for": "SKIN8",
+              "metric": "mcr", "memory": 40},
+    "path16": {"kind": "groups", "dataset": "path16", "task_sizes": (2, 2, 2, 2, 4, 2, 2),
+               "stands_in_for": "PATH16", "metric": "acc", "memory": 80},
+}
+MEMORY_PER_CLASS = 5
+SMOKE_PATH_CAP = 100  # images per split of a user's dataset in ``smoke`` (5 methods x T tasks in seconds)
+
+
+def pycil_class_order(num_classes: int, seed: int = 1993) -> list[int]:
+    """PyCIL's / DynaMMo's class order: ``np.random.seed(seed); np.random.permutation(C)``."""
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        return [int(c) for c in np.random.permutation(num_classes)]
+    finally:
+        np.random.set_state(state)
+
+
+def grouped_scenario(data, task_sizes: Sequence[int], class_order: Sequence[int] | None = None) -> Scenario:
+    """Tasks of the given sizes over ``class_order`` (default 0..C-1), e.g. PATH16's [2,2,2,2,4,2,2]."""
+    order = list(class_order) if class_order is not None else list(range(data.num_classes))
+    if sum(task_sizes) != len(order) or sorted(order) != list(range(data.num_classes)):
+        raise ValueError(f"task_sizes {list(task_sizes)} must cover the {data.num_classes} classes once")
+    tasks, start = [], 0
+    for i, n in enumerate(task_sizes):
+        classes = tuple(sorted(order[start:start + n]))
+        start += n
+        pick = {s: data.split(s).subset(np.flatnonzero(np.isin(data.split(s).labels.numpy(), classes)))
+                for s in ("train", "val", "test")}
+        tasks.append(Task(i, classes, pick["train"], pick["val"], pick["test"],
+                          name=f"task {i + 1}: " + ", ".join(data.classes[c] for c in classes)))
+    return Scenario(data.name, "class-incremental", tasks, data.classes, tuple(order))
+
+
+def load_scenario(name: str, profile: str, seed: int = 0, n_tasks: int | None = None) -> Scenario:
+    """A scenario of :data:`SCENARIOS` or a dataset path (class-incremental over ``n_tasks`` tasks,
+    class order from seed 1993) at the profile's resolution; ``smoke`` keeps a small subset."""
+    check_profile(profile)
+    size = BOOK_IMAGE_SIZE[profile]
+    cap = SMOKE_MAX_PER_SPLIT if profile == "smoke" else None
+    spec = SCENARIOS.get(name)
+    if spec is None:
+        if not (str(name).endswith(".npz") or "/" in str(name) or Path(str(name)).exists()):
+            raise ValueError(f"unknown scenario {name!r}; valid: {', '.join(SCENARIOS)} or a dataset path")
+        cap = SMOKE_PATH_CAP if profile == "smoke" else None
+        data = load_dataset(name, seed=seed, size=size, channels=3, max_per_split=cap)
+        return class_incremental(data, n_tasks or 5, seed=CLASS_ORDER_SEED)
+    if spec["kind"] == "benchmark":
+        return load_benchmark(name, profile, seed)
+    data = load_dataset(spec["dataset"], seed=seed, size=size, channels=3, max_per_split=cap)
+    if spec["kind"] == "groups":
+        return grouped_scenario(data, spec["task_sizes"])
+    order = pycil_class_order(data.num_classes) if spec.get("order") == "np1993" else None
+    return class_incremental(data, n_tasks or spec["n_tasks"], seed=CLASS_ORDER_SEED, class_order=order)
+
+
+def memory_budget(name: str, scenario: Scenario) -> int:
+    spec = SCENARIOS.get(name, {})
+    return spec.get("memory") or MEMORY_PER_CLASS * scenario.num_classes
+
+
+# ----------------------------------------------------------------------------------- profiles
+# SGD momentum is 0.9 throughout (``cmm_utils.train.make_optimizer``), as in the authors' YAMLs
+_STAGE1 = dict(stage1_lr=0.01, stage1_weight_decay=5e-4, batch_size=32, bn_policy="average")
+PROFILES = {
+    # the whole notebook in well under a minute: a tiny subset, a few steps per stage
+    "smoke": dict(threads=1, scenarios=["ham10000-cil"], seeds=[0], methods=list(METHODS), n_tasks=None,
+                  backbone=BACKBONE, **_STAGE1,
+                  stage1_epochs=1, stage1_milestones=[], stage2_epochs=2, stage2_lr=1e-3,
+                  stage2_milestones=[], baseline_epochs=1, baseline_lr=0.01, baseline_milestones=[],
+                  der_epochs=1, der_lr=0.01, der_milestones=[], der_ft_epochs=2, der_ft_lr=0.01,
+                  der_ft_milestones=[], der_temperature=5.0, train_steps=4, head_steps=8, max_train_per_task=None,
+                  cost_tasks=10, cost_classes_per_task=2, paper_res_tasks=[1, 10], timing_tasks=[1, 10],
+                  timing_repeats=1, timing_batch=16),
+    # real 28 px data, 3 seeds, epochs scaled down hard to fit the page's time budget
+    "cpu": dict(threads=1, scenarios=["ham10000-cil", "pathmnist_1k", "medical-dil"], seeds=[0, 1, 2],
+                methods=list(METHODS), n_tasks=None, backbone=BACKBONE, **_STAGE1,
+                stage1_epochs=10, stage1_milestones=[], stage2_epochs=100, stage2_lr=1e-3,
+                stage2_milestones=[55, 80], baseline_epochs=10, baseline_lr=0.01, baseline_milestones=[],
+                der_epochs=10, der_lr=0.01, der_milestones=[], der_ft_epochs=100, der_ft_lr=1e-3,
+                der_ft_milestones=[55, 80], der_temperature=5.0, train_steps=15, head_steps=None, max_train_per_task=500,
+                cost_tasks=10, cost_classes_per_task=2, paper_res_tasks=list(range(1, 11)), timing_tasks=[1, 5, 10],
+                timing_repeats=3, timing_batch=64),
+    # the authors' datasets and schedules (GPU box); DER's from the authors' dynamic_er PATH16 config
+    "paper": dict(threads=None, scenarios=["cifar100", "skin8", "path16"], seeds=[1993, 1, 42, 50, 100],
+                  methods=list(METHODS), n_tasks=None, backbone=BACKBONE, **_STAGE1,
+                  stage1_epochs=200, stage1_milestones=[70, 130, 170], stage2_epochs=100, stage2_lr=1e-3,
+                  stage2_milestones=[55, 80], stage2_cifar100=(50, [15, 35]),
+                  baseline_epochs=200, baseline_lr=0.01, baseline_milestones=[70, 130, 170],
+                  der_epochs=200, der_lr=1e-3, der_milestones=[100, 120], der_ft_epochs=100, der_ft_lr=1e-3,
+                  der_ft_milestones=[55, 80], der_temperature=5.0, train_steps=None, head_steps=None, max_train_per_task=None,
+                  cost_tasks=10, cost_classes_per_task=10, paper_res_tasks=list(range(1, 11)), timing_tasks=[1, 5, 10],
+                  timing_repeats=3, timing_batch=64),
+}
+# settings that change what a run computes (the cache key); the rest only orchestrate the page
+RUN_KEYS = ("backbone", "stage1_lr", "stage1_weight_decay", "batch_size", "bn_policy",
+            "stage1_epochs", "stage1_milestones", "stage2_epochs", "stage2_lr", "stage2_milestones",
+            "stage2_cifar100", "baseline_epochs", "baseline_lr", "baseline_milestones", "der_epochs",
+            "der_lr", "der_milestones", "der_ft_epochs", "der_ft_lr", "der_ft_milestones",
+            "der_temperature", "train_steps", "head_steps", "max_train_per_task")
+STAGE1_KEYS = ("backbone", "stage1_lr", "stage1_weight_decay", "batch_size",
+               "stage1_epochs", "stage1_milestones", "train_steps", "max_train_per_task")
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    return method
+
+
+def epoch_config(epochs: int, lr: float, milestones: Sequence[int], n: int, batch_size: int, *,
+                 optimizer: str = "sgd", weight_decay: float = 0.0, max_steps: int | None = None,
+                 augment: bool = True) -> FitConfig:
+    """A :class:`FitConfig` whose MultiStep milestones, given in epochs as in the authors' YAMLs,
+    are converted to optimiser steps for ``n`` training samples."""
+    per_epoch = max(1, math.ceil(n / batch_size))
+    return FitConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+                     weight_decay=weight_decay, schedule="multistep" if milestones else "constant",
+                     milestones=tuple(m * per_epoch for m in milestones), augment=augment, max_steps=max_steps)
+
+
+def stage2_schedule(settings: Mapping, scenario_name: str) -> tuple[int, list[int]]:
+    """Stage-2 epochs and milestones; CIFAR100 has its own (50 epochs, [15, 35])."""
+    if scenario_name == "cifar100" and settings.get("stage2_cifar100"):
+        epochs, milestones = settings["stage2_cifar100"]
+        return int(epochs), list(milestones)
+    return int(settings["stage2_epochs"]), list(settings["stage2_milestones"])
+
+
+def subsample(data: LabeledImages, max_n: int | None, seed: int) -> LabeledImages:
+    """At most ``max_n`` training images, a seeded class-stratified subset that keeps the class
+    proportions (the ``cpu`` profile's time budget); ``None`` keeps everything."""
+    if max_n is None or len(data) <= max_n:
+        return data
+    _, held = make_split(data.labels.numpy(), max_n / len(data), seed)
+    return data.subset(np.sort(held))
+
+
+def concat(parts: Sequence[LabeledImages]) -> LabeledImages:
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        raise ValueError("nothing to concatenate")
+    return LabeledImages(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
+
+
+# ------------------------------------------------------------------------------------- memory
+def herding(features: torch.Tensor, m: int) -> torch.Tensor:
+    """iCaRL herding (Rebuffi et al., CVPR 2017, Alg. 4), as DynaMMo's ``replayBank`` L403-423:
+    on L2-normalised features, greedily pick (without replacement) the sample that keeps the mean of
+    the picked ones closest to the class mean (the mean itself is not re-normalised).
+    Returns indices in selection order; ``m`` larger than the class gives every sample."""
+    f = F.normalize(features.double(), dim=1)
+    mu = f.mean(0)
+    chosen: list[int] = []
+    running = torch.zeros_like(mu)
+    available = torch.ones(len(f), dtype=torch.bool)
+    for k in range(1, min(m, len(f)) + 1):
+        dist = ((mu - (running + f) / k) ** 2).sum(1)
+        dist[~available] = float("inf")
+        i = int(dist.argmin())
+        chosen.append(i)
+        available[i] = False
+        running += f[i]
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+@dataclass
+class Memory:
+    """Exemplars per class in herding order, under a fixed total ``budget`` split evenly over the
+    seen classes (``per_class = budget // seen``; DynaMMo's ``fixed_memory: false``)."""
+    budget: int
+    classes: dict[int, LabeledImages] = field(default_factory=dict)
+
+    def per_class(self, n_seen: int) -> int:
+        return self.budget // max(1, n_seen)
+
+    def update(self, feature_fn: Callable[[torch.Tensor], torch.Tensor], data: LabeledImages,
+               new_classes: Sequence[int]) -> None:
+        """Truncate old classes to the new quota, then herd the quota of each new class."""
+        m = self.per_class(len(self.classes) + len(new_classes))
+        self.classes = {c: ex.subset(np.arange(min(m, len(ex)))) for c, ex in self.classes.items()}
+        for c in new_classes:
+            part = data.subset(np.flatnonzero(data.labels.numpy() == c))
+            if len(part) == 0 or m == 0:
+                self.classes[c] = part.subset(np.arange(0))
+                continue
+            pick = herding(predict(feature_fn, part), m)
+            self.classes[c] = part.subset(pick.numpy())
+
+    def data(self) -> LabeledImages:
+        parts = [self.classes[c] for c in sorted(self.classes)]
+        if not parts or not sum(len(p) for p in parts):
+            first = next(iter(self.classes.values()), None)
+            shape = (0,) + tuple(first.images.shape[1:]) if first is not None else (0, 3, 1, 1)
+            return LabeledImages(torch.zeros(shape, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
+        return concat(parts)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        d = self.data()
+        return {"memory_images": d.images, "memory_labels": d.labels}
+
+    @classmethod
+    def from_state(cls, budget: int, state: Mapping[str, torch.Tensor]) -> "Memory":
+        images, labels = state["memory_images"], state["memory_labels"]
+        out = cls(budget)
+        for c in torch.unique(labels).tolist():
+            idx = torch.nonzero(labels == c).flatten()
+            out.classes[int(c)] = LabeledImages(images[idx], labels[idx])
+        return out
+
+
+# ----------------------------------------------------------------------- training on features
+def label_lookup(classes: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Global label -> local index in ``classes``, or ``len(classes)`` ("others") for the rest."""
+    lut = torch.full((num_classes,), len(classes), dtype=torch.long)
+    lut[list(classes)] = torch.arange(len(classes))
+    return lut
+
+
+def features_with_flips(feature_fn: Callable[[torch.Tensor], torch.Tensor], data: LabeledImages,
+                        augment: bool = True) -> torch.Tensor:
+    """``[2, N, d]``: features of the images and of their horizontal flips (``[1, N, d]`` without
+    augmentation). With a frozen extractor, picking one of the two per sample and step is exactly
+    training under random horizontal flips (the authors' train transform)."""
+    views = [predict(feature_fn, data)]
+    if augment:
+        views.append(predict(feature_fn, LabeledImages(data.images.flip(-1), data.labels)))
+    return torch.stack(views)
+
+
+def fit_on_features(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], params: Sequence[nn.Parameter],
+                    feats: torch.Tensor, labels: torch.Tensor, cfg: FitConfig, seed: int) -> list[float]:
+    """Minimise ``loss_fn(batch_feats [P, b, d], labels [b])`` over ``feats [P, V, N, d]`` (P feature
+    sources, V views: original and flipped), with the seeded order and the schedule of ``cfg``."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    n = feats.shape[2]
+    per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.schedule, 0, cfg.milestones))
+    losses, step = [], 0
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, cfg.batch_size):
+            if step >= total:
+                break
+            idx = order[start:start + cfg.batch_size]
+            view = (torch.rand(len(idx), generator=gen) < 0.5).long() if feats.shape[1] > 1 \
+                else torch.zeros(len(idx), dtype=torch.long)
+            loss = loss_fn(feats[:, view, idx], labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            step += 1
+    return losses
+
+
+# ---------------------------------------------------------------------------- DynaMMo stages
+def _adapter_train_mode(net: AdapterNet) -> None:
+    """Backbone, merged and old adapters in eval mode (frozen BN statistics); the newest adapter trains."""
+    net.eval()
+    net.adapters[-1].train()
+    net.aux_head.train()
+
+
+def train_stage1(net: AdapterNet, data: LabeledImages, classes: Sequence[int], num_classes: int,
+                 cfg: FitConfig, seed: int) -> list[float]:
+    """Stage 1 (adapter tuning) of the newest task: ``CE(aux_head(F_{A_t}(x)), y')`` with ``y'`` the
+    local label for the task's classes and ``n_t`` ("others") for replayed old classes (``dynammo.py``
+    L163-165); only the newest adapters and the stage-1 head are optimised."""
+    t = len(net.adapters) - 1
+    lut = label_lookup(classes, num_classes)
+
+    def loss_fn(model, x, y):
+        return F.cross_entropy(model.aux_head(model.features(x, t)), lut.to(y.device)[y])
+
+    params = list(net.adapters[t].parameters()) + list(net.aux_head.parameters())
+    return fit(net, data, cfg, seed=seed, params=params, loss_fn=loss_fn, train_mode=_adapter_train_mode,
+               desc=f"stage 1, task {t + 1}").losses
+
+
+def train_stage2(net: AdapterNet, balanced: LabeledImages, task_classes: Sequence[Sequence[int]],
+                 num_classes: int, cfg: FitConfig, seed: int, inference: str = "merged") -> list[float]:
+    """Stage 2 (balanced head fine-tuning): every head (old ones too, as in the code) on the
+    balanced set, ``Σ_{i: task i present in the batch} CE(head_i(f), y_i)`` (``dynammo.py`` L168-185),
+    where ``f`` is the merged adapters' feature (DynaMMo) or head ``i``'s own path (ACL)."""
+    net.eval()
+    paths = ["merged"] if inference == "merged" else list(range(len(net.heads)))
+    with torch.no_grad():
+        feats = torch.stack([features_with_flips(lambda x, p=p: net.features(x, p), balanced, cfg.augment)
+                             for p in paths])
+    luts = [label_lookup(c, num_classes) for c in task_classes]
+    dev = next(net.parameters()).device
+
+    def loss_fn(f, y):
+        loss = torch.zeros((), device=dev)
+        for i, head in enumerate(net.heads):
+            present = torch.isin(y, torch.tensor(list(task_classes[i])))
+            if present.any():
+                src = f[0 if inference == "merged" else i].to(dev)
+                loss = loss + F.cross_entropy(head(src), luts[i][y].to(dev))
+        return loss
+
+    params = [p for h in net.heads for p in h.parameters()]
+    return fit_on_features(loss_fn, params, feats, balanced.labels, cfg, seed)
+
+
+@dataclass
+class Stage1State:
+    """Everything stage 1 and the memory leave behind, for DynaMMo and ACL alike."""
+    adapters: list[dict[str, torch.Tensor]]          # per task, final (frozen after its task)
+    aux_head0: dict[str, torch.Tensor]               # the task-0 stage-1 head (becomes head 0)
+    memories: list[LabeledImages]                    # balanced set after each task's memory update
+    seconds: list[float]
+    losses: list[list[float]] = field(default_factory=list)
+
+
+def _prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def adapter_stage1(scenario: Scenario, backbone: nn.Module, settings: Mapping, seed: int, budget: int,
+                   checkpoint_dir: Path | None = None) -> Stage1State:
+    """Stage 1 and the memory for every task; with ``checkpoint_dir``, per-task checkpoints (safetensors)
+    are written and the run resumes from the last one."""
+    dev = device()
+    net = AdapterNet(copy.deepcopy(backbone), bn_policy=settings["bn_policy"]).to(dev)
+    memory = Memory(budget)
+    state = Stage1State([], {}, [], [])
+    start_task = 0
+    if checkpoint_dir is not None:
+        done = sorted(checkpoint_dir.glob("stage1-task*.safetensors"), key=lambda p: int(p.stem[11:]))
+        if done:
+            ck = load_state(done[-1])
+            meta = load_meta(done[-1])
+            for t in range(meta["tasks"]):
+                net.add_task(len(scenario.tasks[t].classes))
+                net.adapters[t].load_state_dict(_prefix(ck, f"adapters.{t}."))
+                state.memories.append(LabeledImages(ck[f"memory.{t}.images"], ck[f"memory.{t}.labels"]))
+            state.aux_head0 = _prefix(ck, "aux_head0.")
+            state.seconds, state.losses = list(meta["seconds"]), list(meta["losses"])
+            memory = Memory.from_state(budget, {"memory_images": state.memories[-1].images,
+                                                "memory_labels": state.memories[-1].labels})
+            start_task = meta["tasks"]
+    for t in range(start_task, len(scenario.tasks)):
+        task = scenario.tasks[t]
+        t0 = time.time()
+        torch.manual_seed(seed * 1000 + t)
+        net.add_task(len(task.classes))
+        current = subsample(task.train, settings["max_train_per_task"], seed * 1000 + t)
+        train = concat([current, memory.data()])
+        cfg = epoch_config(settings["stage1_epochs"], settings["stage1_lr"], settings["stage1_milestones"],
+                           len(train), settings["batch_size"], optimizer="sgd",
+                           weight_decay=settings["stage1_weight_decay"], max_steps=settings["train_steps"])
+        losses = train_stage1(net, train, task.classes, scenario.num_classes, cfg, seed * 1000 + t)
+        if t == 0:
+            state.aux_head0 = {k: v.detach().cpu().clone() for k, v in net.aux_head.state_dict().items()}
+        net.eval()
+        memory.update(lambda x: net.features(x, t), current, task.classes)
+        state.memories.append(memory.data())
+        state.seconds.append(time.time() - t0)
+        state.losses.append(losses)
+        if checkpoint_dir is not None:
+            tensors = {f"adapters.{i}.{k}": v for i, a in enumerate(net.adapters) for k, v in a.state_dict().items()}
+            tensors.update({f"aux_head0.{k}": v for k, v in state.aux_head0.items()})
+            for i, mem in enumerate(state.memories):
+                tensors[f"memory.{i}.images"], tensors[f"memory.{i}.labels"] = mem.images, mem.labels
+            path = checkpoint_dir / f"stage1-task{t}.safetensors"
+            save_state(path, tensors, {"tasks": t + 1, "seconds": state.seconds, "losses": state.losses})
+            for old in checkpoint_dir.glob("stage1-task*.safetensors"):
+                if old != path:
+                    old.unlink(missing_ok=True)
+                    old.with_suffix(".json").unlink(missing_ok=True)
+    state.adapters = [{k: v.detach().cpu().clone() for k, v in a.state_dict().items()} for a in net.adapters]
+    return state
+
+
+def evaluate(logits_fn: Callable[[torch.Tensor], torch.Tensor], scenario: Scenario, t: int) -> tuple[list, float, float, float]:
+    """The pinned row ``R[t, :]`` and pooled accuracy (:func:`evaluate_after_task`), plus, from the
+    *same* outputs (recorded as the pinned function asks for them: tasks ``0..t`` in order, batches in
+    order, so the test set is seen once), the mean class recall over the seen classes and the task
+    accuracy (how often the predicted class belongs to the right task: for DynaMMo and ACL, how often
+    the min-others rule routes an image to its own task's head)."""
+    recorded: list[torch.Tensor] = []
+
+    def recording(x):
+        out = logits_fn(x)
+        recorded.append(out.detach().float().cpu())
+        return out
+
+    row, acc = evaluate_after_task(recording, scenario, t)
+    labels = scenario.joint("test", upto=t).labels
+    logits = torch.cat(recorded) if recorded else torch.empty(0, scenario.num_classes)
+    if len(logits) != len(labels):
+        raise RuntimeError(f"recorded {len(logits)} outputs for {len(labels)} test images")
+    pred = predictions(logits, seen_mask(scenario, t))
+    task_of = torch.zeros(scenario.num_classes, dtype=torch.long)
+    for i, task in enumerate(scenario.tasks):
+        task_of[list(task.classes)] = i
+    task_acc = float((task_of[pred] == task_of[labels]).float().mean()) if len(labels) else float("nan")
+    return row, acc, mean_class_recall(labels.numpy(), pred.numpy()), task_acc
+
+
+def adapter_method(method: str, scenario: Scenario, backbone: nn.Module, stage1: Stage1State, settings: Mapping,
+                   seed: int, scenario_name: str = "") -> ContinualResult:
+    """DynaMMo (``inference="merged"``) or ACL (``"paths"``) on top of a finished stage 1: per task,
+    merge, stage 2 for ``t > 0`` (head 0 is the task-0 stage-1 head), evaluate."""
+    inference = {"dynammo": "merged", "acl": "paths"}[method]
+    dev = device()
+    net = AdapterNet(copy.deepcopy(backbone), bn_policy=settings["bn_policy"]).to(dev)
+    net.inference = inference
+    task_classes = [t.classes for t in scenario.tasks]
+    R, acc_seen, mcr, task_acc, gflops, params, seconds = [], [], [], [], [], [], []
+    epochs2, milestones2 = stage2_schedule(settings, scenario_name)
+    for t, task in enumerate(scenario.tasks):
+        t0 = time.time()
+        torch.manual_seed(seed * 1000 + 500 + t)
+        net.add_task(len(task.classes))
+        net.adapters[t].load_state_dict(stage1.adapters[t])
+        net.merge()
+        if t == 0:
+            net.heads[0].load_state_dict(stage1.aux_head0)
+        else:
+            balanced = stage1.memories[t]
+            cfg = epoch_config(epochs2, settings["stage2_lr"], milestones2, len(balanced), settings["batch_size"],
+                               optimizer="adam", max_steps=settings["head_steps"])
+            train_stage2(net, balanced, task_classes[:t + 1], scenario.num_classes, cfg, seed * 1000 + 500 + t,
+                         inference)
+        seconds.append(stage1.seconds[t] + time.time() - t0)
+        net.eval()
+        seen = task_classes[:t + 1]
+
+        def logits_fn(x, net=net, seen=seen):
+            return min_others_scores(net.head_logits(x), seen, scenario.num_classes)
+
+        row, acc, rec, tacc = evaluate(logits_fn, scenario, t)
+        R.append(row), acc_seen.append(acc), mcr.append(rec), task_acc.append(tacc)
+        gflops.append(gflops_per_image(net, scenario.tasks[0].test.images.shape[-1]))
+        params.append(net.inference_parameters())
+    kept = [net.backbone.state_dict(), net.heads.state_dict(), *(a.state_dict() for a in net.adapters)]
+    if inference == "merged":
+        kept.append(net.merged.state_dict())
+    kept.append(stage1.memories[-1].images)
+    return ContinualResult(method, R, acc_seen, bytes_stored=state_bytes(*kept),
+                           gflops=gflops[-1], train_seconds=float(sum(seconds)),
+                           extra={"mcr_seen": mcr, "task_acc_seen": task_acc, "gflops_per_task": gflops,
+                                  "params_per_task": params, "seconds_per_task": seconds,
+                                  "memory_size": len(stage1.memories[-1])})
+
+
+# ------------------------------------------------------------------------ DER and single models
+class ExpandableNet(nn.Module):
+    """DER's expandable representation (Yan et al., "DER: Dynamically Expandable Representation for
+    Class Incremental Learning", CVPR 2021), without the pruning mask, as the ACL/DynaMMo repository's
+    ``DERNet``: one backbone per task (the new one a copy of the previous, the old ones frozen),
+    features concatenated, one classifier over all classes, and an auxiliary head over the task's
+    classes + one "old" output. Logits cover all ``num_classes`` global classes; callers mask unseen ones."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int):
+        super().__init__()
+        self.template = [backbone]            # a list keeps it out of the module tree
+        self.num_classes = num_classes
+        self.num_features = backbone.num_features
+        self.backbones = nn.ModuleList()
+        self.fc: nn.Linear | None = None
+        self.aux: nn.Linear | None = None
+
+    def add_task(self, n_new: int) -> None:
+        for b in self.backbones:
+            b.requires_grad_(False)
+        source = self.backbones[-1] if len(self.backbones) else self.template[0]
+        dev = next(source.parameters()).device
+        self.backbones.append(copy.deepcopy(source).requires_grad_(True).to(dev))
+        d, T = self.num_features, len(self.backbones)
+        fc = nn.Linear(d * T, self.num_classes).to(dev)
+        if self.fc is not None and dev.type != "meta":
+            with torch.no_grad():
+                fc.weight[:, : d * (T - 1)] = self.fc.weight
+                fc.bias.copy_(self.fc.bias)
+        self.fc, self.aux = fc, nn.Linear(d, n_new + 1).to(dev)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([b(x) for b in self.backbones], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+    def inference_parameters(self) -> int:
+        return sum(p.numel() for p in self.backbones.parameters()) + sum(p.numel() for p in self.fc.parameters())
+
+
+def _masked(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return logits.masked_fill(~mask.to(logits.device), float("-inf"))
+
+
+def _der_train_mode(net: ExpandableNet) -> None:
+    net.eval()
+    net.backbones[-1].train()
+
+
+def single_model_runs(method: str, scenario: Scenario, backbone: nn.Module, settings: Mapping, seed: int,
+                      budget: int, scenario_name: str = "", checkpoint_dir: Path | None = None) -> ContinualResult:
+    """DER, fine-tuning or joint training, evaluated after each task under the pinned protocol.
+
+    - ``finetune``: one model trained on each task's data in turn, CE over the classes seen so far.
+    - ``joint``: after task ``t`` a fresh model trained on all training data of tasks ``0..t``.
+    - ``der``: :class:`ExpandableNet`; per task, the new backbone, the classifier and the auxiliary
+      head trained on the task's data + memory (``CE(fc) + CE(aux)``), memory updated by herding on the
+      concatenated features, then (``t > 0``) the classifier reset and re-trained on the balanced memory
+      with logits divided by ``der_temperature`` (the authors' ``dynamic_er`` stage 2).
+
+    With ``checkpoint_dir``, the state after each task is saved (latest only) and a rerun resumes.
+    """
+    dev = device()
+    C = scenario.num_classes
+    cap = settings["max_train_per_task"]
+    net: nn.Module
+    net = ExpandableNet(copy.deepcopy(backbone).to(dev), C) if method == "der" else \
+        Classifier(copy.deepcopy(backbone), C).to(dev)
+    memory = Memory(budget)
+    R, acc_seen, mcr, task_acc, gflops, params, seconds = [], [], [], [], [], [], []
+    start = 0
+    if checkpoint_dir is not None:
+        done = sorted(checkpoint_dir.glob(f"{method}-task*.safetensors"), key=lambda p: int(p.stem.split("task")[1]))
+        if done:
+            meta = load_meta(done[-1])
+            ck = load_state(done[-1])
+            if method == "der":
+                for t in range(meta["tasks"]):
+                    net.add_task(len(scenario.tasks[t].classes))
+                net.backbones[-1].requires_grad_(False)
+                memory = Memory.from_state(budget, ck)
+            model_state = {k[6:]: v for k, v in ck.items() if k.startswith("model.")}
+            net.load_state_dict(model_state)
+            R, acc_seen, mcr, task_acc = meta["R"], meta["acc_seen"], meta["mcr"], meta["task_acc"]
+            gflops, params, seconds = meta["gflops"], meta["params"], meta["seconds"]
+            start = meta["tasks"]
+    for t in range(start, len(scenario.tasks)):
+        task = scenario.tasks[t]
+        t0 = time.time()
+        torch.manual_seed(seed * 1000 + t)
+        mask = seen_mask(scenario, t)
+        current = subsample(task.train, cap, seed * 1000 + t)
+        if method == "joint":
+            net = Classifier(copy.deepcopy(backbone), C).to(dev)
+            train = concat([subsample(s.train, cap, seed * 1000 + i) for i, s in enumerate(scenario.tasks[:t + 1])])
+        else:
+            train = current
+        if method == "der":
+            net.add_task(len(task.classes))
+            train = concat([current, memory.data()])
+            lut = label_lookup(task.classes, C)
+            cfg = epoch_config(settings["der_epochs"], settings["der_lr"], settings["der_milestones"], len(train),
+                               settings["batch_size"], optimizer="sgd", weight_decay=settings["stage1_weight_decay"],
+                               max_steps=settings["train_steps"])
+
+            def loss_fn(model, x, y, mask=mask, lut=lut):
+                f = model.features(x)
+                new = f[:, -model.num_features:]
+                return F.cross_entropy(_masked(model.fc(f), mask), y) + \
+                    F.cross_entropy(model.aux(new), lut.to(y.device)[y])
+
+            params_ = [p for p in net.parameters() if p.requires_grad]
+            fit(net, train, cfg, seed=seed * 1000 + t, params=params_, loss_fn=loss_fn, train_mode=_der_train_mode,
+                desc=f"DER, task {t + 1}")
+            net.eval()
+            memory.update(net.features, current, task.classes)
+            if t > 0:
+                balanced = memory.data()
+                with torch.no_grad():
+                    feats = features_with_flips(net.features, balanced)[None]
+                net.fc = nn.Linear(net.fc.in_features, C).to(dev)
+                temp = settings["der_temperature"]
+                cfg2 = epoch_config(settings["der_ft_epochs"], settings["der_ft_lr"], settings["der_ft_milestones"],
+                                    len(balanced), settings["batch_size"], optimizer="sgd",
+                                    max_steps=settings["head_steps"])
+                fit_on_features(lambda f, y: F.cross_entropy(_masked(net.fc(f[0].to(dev)) / temp, mask), y.to(dev)),
+                                list(net.fc.parameters()), feats, balanced.labels, cfg2, seed * 1000 + 500 + t)
+            for b in net.backbones:
+                b.requires_grad_(False)
+        else:
+            cfg = epoch_config(settings["baseline_epochs"], settings["baseline_lr"], settings["baseline_milestones"],
+                               len(train), settings["batch_size"], optimizer="sgd",
+                               weight_decay=settings["stage1_weight_decay"], max_steps=settings["train_steps"])
+            fit(net, train, cfg, seed=seed * 1000 + t,
+                loss_fn=lambda model, x, y, mask=mask: F.cross_entropy(_masked(model(x), mask), y),
+                desc=f"{method}, task {t + 1}")
+        seconds.append(time.time() - t0)
+        net.eval()
+        row, acc, rec, tacc = evaluate(net, scenario, t)
+        R.append(row), acc_seen.append(acc), mcr.append(rec), task_acc.append(tacc)
+        gflops.append(gflops_per_image(net, task.test.images.shape[-1]))
+        params.append(net.inference_parameters() if method == "der" else sum(p.numel() for p in net.parameters()))
+        if checkpoint_dir is not None:
+            tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
+            if method == "der":
+                tensors.update(memory.state())
+            path = checkpoint_dir / f"{method}-task{t}.safetensors"
+            save_state(path, tensors, {"tasks": t + 1, "R": R, "acc_seen": acc_seen, "mcr": mcr, "task_acc": task_acc,
+                                       "gflops": gflops, "params": params, "seconds": seconds})
+            for old in checkpoint_dir.glob(f"{method}-task*.safetensors"):
+                if old != path:
+                    old.unlink(missing_ok=True)
+                    old.with_suffix(".json").unlink(missing_ok=True)
+    kept = [net.state_dict()] + ([memory.data().images] if method == "der" else [])
+    if method == "joint":
+        kept.append(scenario.joint("train").images)
+    return ContinualResult(method, R, acc_seen, bytes_stored=state_bytes(*kept), gflops=gflops[-1],
+                           train_seconds=float(sum(seconds)),
+                           extra={"mcr_seen": mcr, "task_acc_seen": task_acc, "gflops_per_task": gflops,
+                                  "params_per_task": params, "seconds_per_task": seconds,
+                                  "memory_size": len(memory.data()) if method == "der" else 0})
+
+
+# --------------------------------------------------------------------------------- entry points
+def run_config(method: str, benchmark: str, profile: str, seed: int, settings: Mapping,
+               n_tasks: int | None = None) -> dict:
+    """The JSON-able configuration a cached run is keyed by (the leaderboard reads it)."""
+    check_method(method)
+    cfg = {"method": method, "benchmark": str(benchmark), "seed": int(seed), "backbone": settings["backbone"],
+           "profile": profile, "n_tasks": n_tasks, "chapter": CHAPTER, "version": VERSION}
+    cfg.update({k: settings[k] for k in RUN_KEYS if k in settings})
+    return cfg
+
+
+def _checkpoint_dir(profile: str, config: Mapping, keys: Sequence[str]) -> Path:
+    sub = {k: config[k] for k in ("benchmark", "seed", "profile", "n_tasks", "version", "bn_policy") if k in config}
+    sub.update({k: config.get(k) for k in keys})
+    path = cache_root() / CHAPTER / profile / f"{Path(str(config['benchmark'])).stem}-{config_key(sub)}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_dynammo_method(method: str, scenario: Scenario, profile: str, seed: int, settings: Mapping | None = None,
+                       benchmark: str | None = None, backbone: nn.Module | None = None,
+                       checkpoint: bool = True, n_tasks: int | None = None) -> ContinualResult:
+    """Run one method of this chapter on ``scenario`` (the leaderboard calls this for a missing run).
+
+    ``settings`` default to ``PROFILES[profile]``; ``backbone`` to the book's pretrained ResNet-18
+    (``book_backbone``). DynaMMo and ACL share one stage-1 run, checkpointed per task under
+    ``cache_root()/dynammo/<profile>/`` (keyed by the configuration) so the second reuses it.
+    """
+    check_method(method)
+    settings = dict(PROFILES[check_profile(profile)] if settings is None else settings)
+    name = benchmark or scenario.name
+    seed_everything(seed)
+    backbone = backbone if backbone is not None else book_backbone(settings["backbone"], profile, verbose=False)
+    backbone = backbone.to(device()).eval()
+    budget = memory_budget(name, scenario)
+    config = run_config(method, name, profile, seed, settings, n_tasks)
+    if method in ("dynammo", "acl"):
+        ck = _checkpoint_dir(profile, config, STAGE1_KEYS) if checkpoint else None
+        stage1 = adapter_stage1(scenario, backbone, settings, seed, budget, ck)
+        return adapter_method(method, scenario, backbone, stage1, settings, seed, name)
+    ck = _checkpoint_dir(profile, config, RUN_KEYS) if checkpoint else None
+    return single_model_runs(method, scenario, backbone, settings, seed, budget, name, ck)
+
+
+def cached_dynammo_run(method: str, benchmark: str, profile: str, seed: int, settings: Mapping | None = None,
+                       n_tasks: int | None = None,
+                       scenario: Scenario | Callable[[], Scenario] | None = None) -> ContinualResult:
+    """``cached_run(profile, "dynammo", config, ...)``: a finished run is read back, a missing one run.
+
+    ``scenario`` (a :class:`Scenario` or a function returning one) spares reloading the data for
+    each method; by default it is loaded with :func:`load_scenario`."""
+    settings = dict(PROFILES[check_profile(profile)] if settings is None else settings)
+    n_tasks = None if benchmark in BENCHMARKS else n_tasks
+    config = run_config(method, benchmark, profile, seed, settings, n_tasks)
+
+    def run():
+        sc = scenario() if callable(scenario) else scenario
+        sc = sc if sc is not None else load_scenario(benchmark, profile, seed, n_tasks)
+        return run_dynammo_method(method, sc, profile, seed, settings, benchmark=benchmark, n_tasks=n_tasks)
+
+    return cached_run(profile, CHAPTER, config, run)
+
+
+# ------------------------------------------------------------------------------ cost as T grows
+def inference_ms(model: nn.Module, image_size: int, batch_size: int = 64, repeats: int = 5) -> float:
+    """Median CPU wall time per image (ms) of ``model`` on a random batch, after one warm-up."""
+    model = model.cpu().eval()
+    x = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.no_grad():
+        model(x)
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return 1000.0 * float(np.median(times)) / batch_size
+
+
+def _growing_models(backbone: nn.Module, classes_per_task: int, max_tasks: int, dev: str):
+    """Yield ``(T, {method: model})`` for ``T = 1..max_tasks``, each model grown by one task per step."""
+    backbone = copy.deepcopy(backbone).to(dev).eval()
+    adapter_net = AdapterNet(copy.deepcopy(backbone)).eval()
+    der = ExpandableNet(copy.deepcopy(backbone), classes_per_task * max_tasks).eval()
+    single = Classifier(copy.deepcopy(backbone), classes_per_task * max_tasks).to(dev).eval()
+    for T in range(1, max_tasks + 1):
+        adapter_net.add_task(classes_per_task)
+        der.add_task(classes_per_task)
+        yield T, {"dynammo": adapter_net, "acl": adapter_net, "der": der, "finetune": single}
+
+
+def _inference_params(method: str, model: nn.Module) -> int:
+    if method in ("dynammo", "acl"):
+        model.inference = "merged" if method == "dynammo" else "paths"
+    return model.inference_parameters() if hasattr(model, "inference_parameters") \
+        else sum(p.numel() for p in model.parameters())
+
+
+def cost_table(backbone: nn.Module, image_size: int, max_tasks: int = 10, classes_per_task: int = 2,
+               timing_tasks: Sequence[int] = (), timing_repeats: int = 3, timing_batch: int = 64,
+               tasks: Sequence[int] | None = None) -> pd.DataFrame:
+    """Inference cost of every method with ``T`` tasks, ``T`` in ``tasks`` (default ``1..max_tasks``):
+    GFLOPs per image counted by ``torch.utils.flop_counter`` (:func:`gflops_per_image`), parameters
+    an inference pass uses, and for ``T`` in ``timing_tasks`` the measured CPU ms per image.
+
+    Weights are irrelevant, so untrained modules of the right shapes are counted; fine-tuning and joint
+    training share the single-model row (``finetune``). FLOPs are counted on PyTorch's ``meta`` device
+    (shapes only, no memory, no arithmetic; the counter gives the same count as on the CPU), so even the
+    224 px table is quick; only the timed models are real."""
+    tasks = sorted(tasks) if tasks is not None else list(range(1, max_tasks + 1))
+    rows = []
+    for T, models in _growing_models(backbone, classes_per_task, max(tasks), "meta"):
+        if T in tasks:
+            for method, model in models.items():
+                n_params = _inference_params(method, model)
+                rows.append({"method": method, "tasks": T, "image_size": image_size,
+                             "gflops": gflops_per_image(model, image_size), "params_m": n_params / 1e6,
+                             "ms_per_image": float("nan")})
+    table = pd.DataFrame(rows)
+    if timing_tasks:
+        for T, models in _growing_models(backbone, classes_per_task, max(timing_tasks), "cpu"):
+            if T in timing_tasks:
+                for method, model in models.items():
+                    _inference_params(method, model)
+                    ms = inference_ms(model, image_size, timing_batch, timing_repeats)
+                    hit = (table["method"] == method) & (table["tasks"] == T)
+                    if hit.any():
+                        table.loc[hit, "ms_per_image"] = ms
+                    else:
+                        table.loc[len(table)] = {"method": method, "tasks": T, "image_size": image_size,
+                                                 "gflops": float("nan"), "params_m": float("nan"), "ms_per_image": ms}
+    return table
+
+
+def adapter_parameters(backbone: nn.Module) -> dict[str, int]:
+    """Parameters of one adapter set and of the backbone (the note: 1,625,092 per task on ResNet-18)."""
+    net = AdapterNet(copy.deepcopy(backbone))
+    net.add_task(1)
+    return {"backbone": sum(p.numel() for p in backbone.parameters()),
+            "adapters_per_task": sum(p.numel() for p in net.adapters[0].parameters())}

@@ -1,0 +1,166 @@
+"""MedMerge chapter: configuration, the kernel-weight probe, baselines, determinism, paper profile,
+and the notebook on a dataset the book has never seen."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from timm.models.resnet import BasicBlock, ResNet
+
+from cmm_utils import medmerge as mm
+from cmm_utils.data import LabeledImages
+from cmm_utils.kernel_merge import KernelMergedConv2d
+from cmm_utils.models import Classifier, build_backbone
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_backbone(seed):
+    torch.manual_seed(seed)
+    return ResNet(BasicBlock, (1, 1, 1, 1), num_classes=0, channels=(8, 8, 16, 16), stem_type="deep", stem_width=4)
+
+
+def tiny_data(n=24, size=16, classes=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return LabeledImages((torch.rand(n, 3, size, size, generator=gen) * 255).to(torch.uint8),
+                         torch.arange(n) % classes)
+
+
+PROBE_CFG = {"lp_epochs": 1, "lp_lr": 1e-2, "w_lr": 0.05, "batch_size": 8, "optimizer_lp": "adam",
+             "max_steps": 2, "other_params": "a"}
+
+
+def test_configure_applies_parameters_and_rejects_bad_values(tmp_path):
+    cfg = mm.configure("cpu", 3)
+    assert cfg["seeds"] == (3, 4, 5) and len(cfg["runs"]) == 3
+    one = mm.configure("cpu", 0, target=str(tmp_path / "x.npz"), backbone="resnet18", source_medical="pathmnist_1k")
+    assert one["runs"] == (("resnet18", "pathmnist_1k", str(tmp_path / "x.npz")),)
+    paper = mm.configure("paper")
+    assert {r[2] for r in paper["runs"]} == {"isic2019", "aptos2019"}
+    assert {r[0] for r in paper["runs"]} == {"densenet121", "resnet50"}
+    assert dict((t, m) for _, m, t in paper["runs"]) == {"isic2019": "ham10000_full", "aptos2019": "eyepacs"}
+    small = mm.configure("smoke", max_per_split=10)
+    assert len(mm.load_target("pathmnist_1k", 0, small).train) == 10
+    assert len(mm.load_target("pathmnist_1k", 0, small, max_per_split=None).train) > 500  # sources: uncapped
+    with pytest.raises(ValueError, match="profile"):
+        mm.configure("gpu")
+    with pytest.raises(ValueError, match="merge baseline"):
+        mm.configure("smoke", merges=("average", "fisher"))
+    with pytest.raises(ValueError, match="unknown setting"):
+        mm.configure("smoke", learning_rate=1.0)
+    with pytest.raises(ValueError, match="unknown merge"):
+        mm.merge_models("slerp", None, None, None, {}, 0)
+
+
+def test_zero_convolutions_zeroes_kernels_only():
+    bb = tiny_backbone(0)
+    z = mm.zero_convolutions(bb)
+    for (name, a), (_, b) in zip(bb.state_dict().items(), z.state_dict().items()):
+        if name.endswith("weight") and a.dim() == 4:
+            assert torch.count_nonzero(b) == 0 and torch.count_nonzero(a) > 0
+        else:
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("learn_w", [True, False])
+def test_kernel_merge_probe_trains_head_and_w_only_and_collapses_exactly(learn_w):
+    a, b = tiny_backbone(0), tiny_backbone(1)
+    data = tiny_data()
+    plain, w = mm.kernel_merge_probe(a, b, 3, data, PROBE_CFG, seed=0, init=0.5, learn_w=learn_w)
+    assert not any(isinstance(m, KernelMergedConv2d) for m in plain.modules())
+    sa, sb, sp = a.state_dict(), b.state_dict(), plain.state_dict()
+    moved = 0.0
+    for layer, wl in w.items():
+        key = layer.removeprefix("backbone.") + ".weight"
+        expect = wl[:, :, None, None] * sa[key] + (1 - wl[:, :, None, None]) * sb[key]
+        assert torch.allclose(sp["backbone." + key], expect, atol=1e-6), layer
+        moved = max(moved, float((wl - 0.5).abs().max()))
+    assert (moved > 0) == learn_w
+    for key, va in sa.items():  # BN affine parameters: model a's, frozen (statistics are recomputed)
+        if key.endswith(("bn1.weight", "bn1.bias", "bn2.bias")):
+            assert torch.equal(sp["backbone." + key], va), key
+
+
+def test_merge_models_give_working_networks():
+    data = tiny_data(16)
+    ma, mb = Classifier(tiny_backbone(0), 3), Classifier(tiny_backbone(1), 3)
+    cfg = {"wm_iters": 5, "match_images": 16, "zipit_alpha": 0.3, "zipit_beta": 0.125}
+    for method in mm.MERGES:
+        merged = mm.merge_models(method, ma, mb, data, cfg, seed=0)
+        scores = mm.evaluate(merged, data)
+        assert 0 <= scores["accuracy"] <= 1 and np.isnan(scores["kappa"])
+    avg = mm.merge_models("average", ma, mb, data, cfg, seed=0).state_dict()
+    k = "backbone.layer1.0.conv1.weight"
+    assert torch.allclose(avg[k], (ma.state_dict()[k] + mb.state_dict()[k]) / 2)
+
+
+def test_paper_profile_builds_and_runs_one_probe_step_at_224px():
+    """The paper profile's backbones (random init instead of ImageNet weights) and one step of the
+    kernel-weight linear probe on two 224 px images; a guard against rot of the GPU path."""
+    cfg = dict(mm.configure("paper"), max_steps=1, batch_size=2)
+    data = tiny_data(n=2, size=cfg["image_size"], classes=2)
+    for arch in sorted({r[0] for r in cfg["runs"]}):
+        a = build_backbone(arch, scale="paper", image_size=224)
+        b = build_backbone(arch, scale="paper", image_size=224)
+        plain, w = mm.kernel_merge_probe(a, b, 8, data, cfg, seed=0)
+        assert len(w) == sum(isinstance(m, torch.nn.Conv2d) for m in a.modules())
+        assert plain(torch.zeros(1, 3, 224, 224)).shape == (1, 8)
+
+
+def _tiny_run(monkeypatch, cache, npz):
+    monkeypatch.setenv("CMM_CACHE", str(cache))
+    cfg = mm.configure("smoke", 0, target="retinamnist", source_natural=str(npz), source_medical="pathmnist_1k",
+                       max_per_split=32, source_max_per_split=48, match_images=16, wm_iters=3)
+    cfg["max_steps"] = 2
+    out = mm.run_experiment("resnet18", "pathmnist_1k", "retinamnist", 0, cfg, ablations=mm.ABLATIONS[3:], verbose=False)
+    return pd.DataFrame(out["results"]), pd.DataFrame(out["weights"])
+
+
+def test_same_parameters_give_identical_tables_and_a_rerun_resumes_from_cache(tmp_path, unseen_npz, monkeypatch):
+    r1, w1 = _tiny_run(monkeypatch, tmp_path / "one", unseen_npz)
+    r2, w2 = _tiny_run(monkeypatch, tmp_path / "two", unseen_npz)
+    pd.testing.assert_frame_equal(r1, r2)
+    pd.testing.assert_frame_equal(w1, w2)
+    files = sorted(p.name for p in (tmp_path / "one" / "medmerge" / "runs").glob("*.safetensors"))
+    r3, _ = _tiny_run(monkeypatch, tmp_path / "one", unseen_npz)  # everything loaded from the cache
+    assert sorted(p.name for p in (tmp_path / "one" / "medmerge" / "runs").glob("*.safetensors")) == files
+    pd.testing.assert_frame_equal(r1, r3)
+    assert set(r1["method"]) >= {"ft_natural", "lpft_medical", "zipit", "medmerge", "zeros", "medmerge_lp"}
+    assert r1[["accuracy", "macro_f1"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert r1["kappa"].notna().all()  # RetinaMNIST is graded: quadratic kappa reported
+
+
+def test_gaps_and_judgement():
+    rows = []
+    for s in range(3):
+        for m, f1 in (("ft_natural", 0.50), ("ft_medical", 0.55), ("medmerge", 0.58 + 0.01 * s)):
+            rows.append({"arch": "r", "target": "t", "seed": s, "method": m, "macro_f1": f1})
+    g = mm.gaps(pd.DataFrame(rows), "medmerge", mm.FT_BASELINES)
+    assert g.loc[0, "best baseline"] == mm.METHOD_LABELS["ft_medical"]
+    assert abs(g.loc[0, "gap (points)"] - 4.0) < 1e-9 and g.loc[0, "seeds won"] == 3
+    assert mm.judge(g) is True
+    g.loc[0, "gap (points)"] = -1.0
+    assert mm.judge(g) is False
+    assert mm.judge(g.iloc[:0]) is None
+
+
+@pytest.mark.timeout(600)
+def test_notebook_runs_on_an_unseen_dataset(tmp_path, unseen_npz, monkeypatch):
+    papermill = pytest.importorskip("papermill")
+    monkeypatch.setenv("CMM_RESULTS", str(tmp_path / "results"))
+    out = tmp_path / "out.ipynb"
+    papermill.execute_notebook(str(REPO / "notebooks" / "medmerge.ipynb"), str(out),
+                               parameters=dict(profile="smoke", target=str(unseen_npz)),
+                               cwd=str(REPO / "notebooks"), kernel_name="python3", progress_bar=False)
+    text = out.read_text()
+    assert "digits_unseen" in text and "MedMerge" in text and "macro F1" in text
+    res = tmp_path / "results" / "smoke" / "medmerge"
+    verdict = json.loads((res / "verdict.json").read_text())
+    assert verdict["chapter"] == "medmerge" and verdict["claims"]
+    table = pd.read_csv(res / "results.csv")
+    assert set(table["target"]) == {"digits_unseen"}
+    assert (res / "plane_medmerge.npz").exists() and (res / "kernel_weights.csv").exists()
