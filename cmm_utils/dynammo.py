@@ -77,7 +77,7 @@ METHODS = ("dynammo", "acl", "der", "finetune", "joint")
 METHOD_LABELS = {"dynammo": "DynaMMo (merged adapters)", "acl": "ACL (per-task adapter paths)",
                  "der": "DER (expandable representation)", "finetune": "Fine-tuning",
                  "joint": "Joint training"}
-VERSION = 2
+VERSION = 3
 
 # What the paper claims (abstract, /work/shared/papers/dynammo.txt) and the ACL paper's curves the
 # DynaMMo repository ships (visualize/draw.ipynb; research note §1.9, averages computed there).
@@ -508,6 +508,16 @@ def evaluate(logits_fn: Callable[[torch.Tensor], torch.Tensor], scenario: Scenar
     return row, acc, mean_class_recall(labels.numpy(), pred.numpy()), task_acc
 
 
+def adapter_spread(adapters: Sequence[Mapping[str, torch.Tensor]]) -> float:
+    """``mean_t ‖θ_t − θ̄‖ / ‖θ̄‖`` over the adapters' learnable weights (BatchNorm statistics and
+    counters left out), ``θ̄`` their average: how far the merged adapter is from the task adapters it
+    replaces (0 for one task). A diagnostic, not part of the method."""
+    keys = [k for k, v in adapters[0].items() if v.is_floating_point() and "running_" not in k]
+    flat = torch.stack([torch.cat([a[k].detach().float().flatten().cpu() for k in keys]) for a in adapters])
+    mean = flat.mean(0)
+    return float((flat - mean).norm(dim=1).mean() / mean.norm().clamp_min(1e-12))
+
+
 def adapter_method(method: str, scenario: Scenario, backbone: nn.Module, stage1: Stage1State, settings: Mapping,
                    seed: int, scenario_name: str = "") -> ContinualResult:
     """DynaMMo (``inference="merged"``) or ACL (``"paths"``) on top of a finished stage 1: per task,
@@ -517,7 +527,7 @@ def adapter_method(method: str, scenario: Scenario, backbone: nn.Module, stage1:
     net = AdapterNet(copy.deepcopy(backbone), bn_policy=settings["bn_policy"]).to(dev)
     net.inference = inference
     task_classes = [t.classes for t in scenario.tasks]
-    R, acc_seen, mcr, task_acc, gflops, params, seconds = [], [], [], [], [], [], []
+    R, acc_seen, mcr, task_acc, gflops, params, seconds, spread = [], [], [], [], [], [], [], []
     epochs2, milestones2 = stage2_schedule(settings, scenario_name)
     for t, task in enumerate(scenario.tasks):
         t0 = time.time()
@@ -525,6 +535,7 @@ def adapter_method(method: str, scenario: Scenario, backbone: nn.Module, stage1:
         net.add_task(len(task.classes))
         net.adapters[t].load_state_dict(stage1.adapters[t])
         net.merge()
+        spread.append(adapter_spread(stage1.adapters[:t + 1]))
         if t == 0:
             net.heads[0].load_state_dict(stage1.aux_head0)
         else:
@@ -552,7 +563,8 @@ def adapter_method(method: str, scenario: Scenario, backbone: nn.Module, stage1:
                            gflops=gflops[-1], train_seconds=float(sum(seconds)),
                            extra={"mcr_seen": mcr, "task_acc_seen": task_acc, "gflops_per_task": gflops,
                                   "params_per_task": params, "seconds_per_task": seconds,
-                                  "memory_size": len(stage1.memories[-1])})
+                                  "memory_size": len(stage1.memories[-1]), "adapter_spread": spread,
+                                  "alpha": [[float(a.alpha.detach()) for a in ad] for ad in net.adapters]})
 
 
 # ------------------------------------------------------------------------ DER and single models
@@ -616,7 +628,8 @@ def single_model_runs(method: str, scenario: Scenario, backbone: nn.Module, sett
       concatenated features, then (``t > 0``) the classifier reset and re-trained on the balanced memory
       with logits divided by ``der_temperature`` (the authors' ``dynamic_er`` stage 2).
 
-    With ``checkpoint_dir``, the state after each task is saved (latest only) and a rerun resumes.
+    With ``checkpoint_dir``, the state after each task is saved (latest only) and a rerun resumes;
+    the checkpoint is removed once the run is complete (its result is cached by the caller).
     """
     dev = device()
     C = scenario.num_classes
@@ -709,6 +722,9 @@ def single_model_runs(method: str, scenario: Scenario, backbone: nn.Module, sett
                 if old != path:
                     old.unlink(missing_ok=True)
                     old.with_suffix(".json").unlink(missing_ok=True)
+    if checkpoint_dir is not None:  # finished: the caller caches the result; the weights are not needed again
+        for old in checkpoint_dir.glob(f"{method}-task*.*"):
+            old.unlink(missing_ok=True)
     kept = [net.state_dict()] + ([memory.data().images] if method == "der" else [])
     if method == "joint":
         kept.append(scenario.joint("train").images)

@@ -149,19 +149,21 @@ def load_plane(path: Path | str) -> dict[str, np.ndarray]:
 
 
 def plot_plane(result: Mapping[str, np.ndarray], key: str = "test_err", ax=None, labels: Sequence[str] | None = None,
-               markers: Sequence[str] = ("s", "D", "o"), title: str = "", vmax: float | None = None):
+               markers: Sequence[str] = ("s", "D", "o"), title: str = "", vmin: float | None = None,
+               vmax: float | None = None):
     """Filled contours of ``result[key]`` (error shown in %) over the plane (dark = low), the three
-    networks marked and labelled (Garipov's ``plane_plot.py``, linear levels)."""
+    networks marked and labelled (Garipov's ``plane_plot.py``, linear levels). ``vmin``/``vmax`` (in
+    the plotted unit, % for errors) fix the colour scale, e.g. to share it between planes."""
     import matplotlib.pyplot as plt
 
     if ax is None:
         _, ax = plt.subplots(figsize=(4, 3.4))
     z = np.asarray(result[key]) * (100.0 if key.endswith("err") else 1.0)
     g = np.asarray(result["grid"])
-    lo = float(np.nanmin(z))
+    lo = float(np.nanmin(z)) if vmin is None else vmin
     hi = max(float(np.nanmax(z)) if vmax is None else vmax, lo + 1e-6)
     levels = np.linspace(lo, hi, 12)
-    zc = np.minimum(z, hi)
+    zc = np.clip(z, lo, hi)
     cs = ax.contourf(g[..., 0], g[..., 1], zc, levels=levels, cmap="viridis")
     ax.contour(g[..., 0], g[..., 1], zc, levels=levels, colors="k", linewidths=0.3, alpha=0.5)
     cbar = ax.figure.colorbar(cs, ax=ax, fraction=0.046, pad=0.04, format="%.0f")

@@ -281,7 +281,7 @@ def test_run_config_has_the_leaderboard_keys():
 
 
 # ----------------------------------------------------------------------------- paper profile
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_paper_profile_builds_clip_and_takes_one_linearised_step(data_root):
     """CLIP ViT-B/16 (random weights: no download here), zero-shot heads from its text tower,
     one linearised training step on two real 224 px images, then the correction's parameter."""
@@ -311,7 +311,7 @@ def test_paper_profile_builds_clip_and_takes_one_linearised_step(data_root):
 
 
 # ----------------------------------------------------------------------------- notebook
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_notebook_runs_on_an_unseen_dataset(unseen_npz, tmp_path):
     import papermill as pm
 

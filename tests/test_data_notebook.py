@@ -7,7 +7,7 @@ import pytest
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_data_chapter_on_a_file_the_book_has_never_seen(unseen_npz, tmp_path):
     out = tmp_path / "out.ipynb"
     pm.execute_notebook(str(NOTEBOOKS / "00_data.ipynb"), str(out), cwd=str(NOTEBOOKS), kernel_name="python3",
@@ -16,7 +16,7 @@ def test_data_chapter_on_a_file_the_book_has_never_seen(unseen_npz, tmp_path):
     assert "digits_unseen" in text and "all checks passed" in text
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_data_chapter_names_an_unknown_dataset_and_the_valid_ones(tmp_path):
     with pytest.raises(pm.PapermillExecutionError) as err:
         pm.execute_notebook(str(NOTEBOOKS / "00_data.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(NOTEBOOKS),

@@ -116,6 +116,13 @@ def test_merge_is_the_uniform_average_computed_once(small_backbone):
         assert not torch.allclose(net(x), before)
 
 
+def test_adapter_spread_measures_distance_to_the_average():
+    a = {"w": torch.tensor([1.0, 0.0]), "bn.running_mean": torch.tensor([5.0])}
+    b = {"w": torch.tensor([3.0, 0.0]), "bn.running_mean": torch.tensor([-5.0])}
+    assert D.adapter_spread([a, a]) == 0.0
+    assert D.adapter_spread([a, b]) == pytest.approx(0.5)      # |1-2| / |2|, statistics ignored
+
+
 def test_bn_policy_reaches_the_merge(small_backbone):
     net = AdapterNet(copy.deepcopy(small_backbone), bn_policy="reset")
     net.add_task(2)
@@ -233,6 +240,7 @@ def test_runs_are_deterministic_and_report_flat_merged_cost(small_backbone):
     assert abs(dyn[1] - dyn[0]) < 1e-4 and acl[1] > 1.5 * acl[0]
     assert results["der"].extra["params_per_task"][1] > 1.9 * results["der"].extra["params_per_task"][0]
     assert results["dynammo"].extra["memory_size"] == D.MEMORY_PER_CLASS * sc.num_classes
+    assert results["dynammo"].extra["adapter_spread"][0] == 0.0 and len(results["dynammo"].extra["alpha"]) == 2
 
 
 def test_stage1_resumes_from_its_checkpoint(small_backbone, tmp_path):
@@ -282,7 +290,7 @@ def test_paper_profile_scenarios_and_class_order():
     assert D.stage2_schedule(p, "cifar100") == (50, [15, 35]) and D.stage2_schedule(p, "skin8") == (100, [55, 80])
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_paper_profile_takes_one_step_of_each_stage_at_224px():
     """The paper profile's model (timm ResNet-18 at 224 px, random init instead of ImageNet weights)
     and schedules, one step of stage 1 and of stage 2, on a few 224 px images."""
@@ -296,7 +304,7 @@ def test_paper_profile_takes_one_step_of_each_stage_at_224px():
 
 
 # ----------------------------------------------------------------------------- notebook
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_notebook_runs_on_an_unseen_dataset(unseen_npz, tmp_path):
     import papermill as pm
 

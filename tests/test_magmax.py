@@ -224,7 +224,7 @@ def test_imagenet_r_loader_persists_its_split_and_builds_domains(tmp_path):
 
 
 # ------------------------------------------------------------------------- the notebook
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_notebook_runs_on_an_unseen_dataset(unseen_npz, tmp_path, monkeypatch):
     import papermill as pm
     monkeypatch.setenv("CMM_RESULTS", str(tmp_path / "results"))

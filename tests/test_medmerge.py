@@ -48,6 +48,8 @@ def test_configure_applies_parameters_and_rejects_bad_values(tmp_path):
     assert len(mm.load_target("pathmnist_1k", 0, small, max_per_split=None).train) > 500  # sources: uncapped
     with pytest.raises(ValueError, match="profile"):
         mm.configure("gpu")
+    with pytest.raises(ValueError, match="backbone 'vit_tiny'"):
+        mm.configure("smoke", backbone="vit_tiny")
     with pytest.raises(ValueError, match="merge baseline"):
         mm.configure("smoke", merges=("average", "fisher"))
     with pytest.raises(ValueError, match="unknown setting"):
@@ -146,9 +148,11 @@ def test_gaps_and_judgement():
     g.loc[0, "gap (points)"] = -1.0
     assert mm.judge(g) is False
     assert mm.judge(g.iloc[:0]) is None
+    g.loc[0, "seeds"] = 1
+    assert mm.judge(g) is None  # one seed supports nothing
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_notebook_runs_on_an_unseen_dataset(tmp_path, unseen_npz, monkeypatch):
     papermill = pytest.importorskip("papermill")
     monkeypatch.setenv("CMM_RESULTS", str(tmp_path / "results"))
