@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import merge as mg
-from .benchmarks import SMOKE_MAX_PER_SPLIT, load_benchmark
+from .benchmarks import load_benchmark
 from .continual import ContinualResult, cached_run, evaluate_after_task, gflops_per_image, state_bytes
 from .data import LabeledImages, Scenario, Task
 from .io import cache_root, config_key, load_meta, load_state, save_state
@@ -89,7 +89,7 @@ CHAPTER = "cmm"
 PROFILES = {
     "smoke": dict(
         dataset="ham10000-cil", n_tasks=3, seeds=1, backbone="resnet18", head="fixed",
-        logit_scale=16.0, templates="photo", max_per_split=SMOKE_MAX_PER_SPLIT, image_size=28,
+        logit_scale=16.0, templates="photo", max_per_split=150, image_size=28,
         epochs=1, lr=1e-3, weight_decay=0.1, batch_size=32, warmup_steps=1, clip_grad=1.0,
         max_train_per_task=64, max_steps=2,
         alpha=0.4, correction_loss="l1", representation_lr=1e-5, correction_weight_decay=0.01,

@@ -21,12 +21,21 @@ other buffer) of θ0. They are not trained, not updated and not merged.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Iterator
 
 import torch
 from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# The first forward-mode AD call imports torch's jvp decompositions, which torch itself registers
+# with the deprecated ``torch.jit.script`` (torch 2.14 warns on every fresh process). The warning
+# is torch's own, not ours to act on; importing the module here, with that one warning silenced,
+# keeps it out of every notebook's output.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+    import torch._decomp.decompositions_for_jvp  # noqa: F401,E402
 
 
 class LinearizedModel(nn.Module):

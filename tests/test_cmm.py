@@ -294,7 +294,7 @@ def test_paper_profile_builds_clip_and_takes_one_linearised_step(data_root):
     visual, clip = cmm.build_encoder("clip_vit_b16", "paper", pretrained=False)
     folder = data_root / "ham10000" / "jpg224_sample"
     files = sorted(folder.glob("*.jpg"))[:2]
-    images = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB").resize((224, 224)))).permute(2, 0, 1)
+    images = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB").resize((224, 224)))).permute(2, 0, 1)
                           for f in files])
     data = LabeledImages(images, torch.tensor([0, 1]))
     weights = cmm.zero_shot_weights(clip[0], clip[1], ["melanoma", "nevus"], "photo")
@@ -312,8 +312,12 @@ def test_paper_profile_builds_clip_and_takes_one_linearised_step(data_root):
 
 # ----------------------------------------------------------------------------- notebook
 @pytest.mark.timeout(900)
-def test_notebook_runs_on_an_unseen_dataset(unseen_npz, tmp_path):
+def test_notebook_runs_on_an_unseen_dataset(unseen_npz, tmp_path, monkeypatch):
     import papermill as pm
+
+    # tiny 28 px batches gain nothing from a second thread, and OpenMP threads that spin on a
+    # shared machine slow the kernel several-fold
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
     cache = tmp_path / "cache"
     cache.mkdir(exist_ok=True)
