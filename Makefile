@@ -7,13 +7,14 @@ PY := $(VENV)/bin/python
 MATHJAX := book/_vendor/mathjax/tex-chtml.js
 MATHJAX_VERSION := 3.2.2
 
-.PHONY: book notebooks html test unit data lab browser clean help
+.PHONY: book notebooks html test unit data lab browser browse clean help
 
 help:
 	@echo "make book [PROFILE=smoke|cpu|paper]  execute every notebook with papermill, build _build/html"
 	@echo "make test                            unit tests, smoke notebooks under nbval, book + browser test"
 	@echo "make data                            check (and download where allowed) every dataset under CMM_DATA"
 	@echo "make lab                             JupyterLab on notebooks/"
+	@echo "make browse                          open every page of the last built book in headless Chromium"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +49,10 @@ browser:
 test: $(VENV)/.installed $(MATHJAX) browser
 	$(PY) -m cmm_utils.runner execute --profile smoke
 	$(PY) -m pytest tests runs/smoke/notebooks --nbval-lax
+
+# the headless-browser check of the last built book, whatever its profile (make book PROFILE=cpu && make browse)
+browse: $(VENV)/.installed browser
+	$(PY) -m tests.browser _build/html
 
 unit: $(VENV)/.installed
 	$(PY) -m pytest tests -m "not book"

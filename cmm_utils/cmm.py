@@ -52,7 +52,7 @@ Choices for the book's backbones (deviations from the authors' code, each delibe
   dataset including unseen ones at intermediate steps; the final-task numbers coincide.
 - **Guard.** Where both importances are 0 the authors' formula is 0/0; ``merge.importance_weighted``
   falls back to plain interpolation there.
-- **CLIP input** (``paper``): the MagMax chapter's ``ClipImageEncoder`` re-normalises the book's
+- **CLIP input** (``paper``): ``cmm_utils.models.clip.ClipImageEncoder`` re-normalises the book's
   ImageNet-normalised batches with OpenAI's constants and upsamples smaller images to 224 px
   (bicubic), so CIFAR100 is kept at 32 px in memory; the authors' train transform also crops
   (``RandomResizedCrop(scale=(0.9, 1))``), ours only flips.
@@ -74,7 +74,8 @@ from torch import nn
 
 from . import merge as mg
 from .benchmarks import load_benchmark
-from .continual import ContinualResult, cached_run, evaluate_after_task, gflops_per_image, state_bytes
+from .continual import (ContinualResult, cached_run, evaluate_after_task, gflops_per_image, scenario_fingerprint,
+                        state_bytes, task_local_loss)
 from .data import LabeledImages, Scenario, Task
 from .io import cache_root, config_key, load_meta, load_state, save_state
 from .linearize import LinearizedModel
@@ -212,7 +213,7 @@ def projection_name(encoder: nn.Module) -> str:
     if isinstance(getattr(base, "proj", None), nn.Parameter):
         return "proj"
     if isinstance(getattr(getattr(base, "visual", None), "proj", None), nn.Parameter):
-        return "visual.proj"  # the MagMax chapter's ClipImageEncoder around CLIP's visual tower
+        return "visual.proj"  # cmm_utils.models.clip.ClipImageEncoder around CLIP's visual tower
     raise ValueError(f"{type(base).__name__} has no final projection (expected ProjectedEncoder or a CLIP visual tower)")
 
 
@@ -327,7 +328,7 @@ def build_encoder(backbone: str, profile: str, *, pretrained: bool | None = None
     if backbone == "clip_vit_b16":
         import open_clip  # lazy: only the paper profile needs it
 
-        from .magmax import ClipImageEncoder  # OpenAI normalisation, upsampling to 224 px
+        from .models.clip import ClipImageEncoder  # OpenAI normalisation, upsampling to 224 px
 
         use = (profile == "paper") if pretrained is None else pretrained
         model = open_clip.create_model("ViT-B-16", pretrained="openai" if use else None)
@@ -362,19 +363,6 @@ def subsample(data: LabeledImages, n: int | None, seed: int) -> LabeledImages:
         return data
     idx = np.sort(np.random.default_rng(seed).choice(len(data), size=n, replace=False))
     return data.subset(idx)
-
-
-def task_local_loss(classes: Sequence[int], num_classes: int):
-    """Cross-entropy over the task's own classes only (the authors' per-task head)."""
-    cls = torch.tensor(list(classes))
-    local = torch.full((num_classes,), -1, dtype=torch.long)
-    local[cls] = torch.arange(len(cls))
-
-    def loss_fn(model, x, y):
-        logits = model(x)
-        return F.cross_entropy(logits[:, cls.to(logits.device)], local.to(y.device)[y])
-
-    return loss_fn
 
 
 def train_task(net: CMMNet, data: LabeledImages, classes: Sequence[int], num_classes: int, cfg: FitConfig,
@@ -467,13 +455,6 @@ def carried_bytes(method: str, theta: Mapping, theta0: Mapping, importance: Mapp
 
 
 # --------------------------------------------------------------------------- runs
-def scenario_fingerprint(scenario: Scenario) -> dict:
-    """What identifies a scenario's data for checkpoint keys (classes, sizes, pixel/label sums)."""
-    return {"name": scenario.name, "kind": scenario.kind, "class_order": list(scenario.class_order),
-            "tasks": [[list(t.classes), len(t.train), len(t.test), int(t.train.images.sum()),
-                       int(t.train.labels.sum())] for t in scenario.tasks]}
-
-
 @torch.no_grad()
 def weights_fingerprint(module: nn.Module) -> str:
     """A short hash of a network's weights (names, shapes, sums): θ0 is part of every cache key, so
@@ -629,7 +610,7 @@ def run_seq_baseline(scenario: Scenario, encoder0: nn.Module, head_fn: Callable[
     """
     seed_everything(seed)
     dev = device()
-    T, C = len(scenario.tasks), scenario.num_classes
+    C = scenario.num_classes
     enc = make_encoder(encoder0, False).to(dev)
     theta0 = get_state(encoder0)
     head = CosineHead(C, encoder_dim(encoder0), cfg.logit_scale).to(dev)

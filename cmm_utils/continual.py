@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .data import LabeledImages, Scenario
@@ -51,6 +52,33 @@ class ContinualResult:
                 "forgetting": forgetting(R), "bwt": backward_transfer(R),
                 "bytes_stored": self.bytes_stored, "gflops": self.gflops,
                 "train_seconds": self.train_seconds}
+
+
+def task_local_loss(classes: Sequence[int], num_classes: int) -> Callable:
+    """Cross-entropy over the current task's classes only: the task head of MagMax's and CMM's code
+    (labels remapped to 0..|classes|-1, the logits of every other class left out). Used to
+    fine-tune one task at a time; evaluation always scores every class (module docstring)."""
+    idx = torch.tensor(sorted(classes), dtype=torch.long)
+    lut = torch.full((num_classes,), -100, dtype=torch.long)
+    lut[idx] = torch.arange(len(idx))
+
+    def loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(x)
+        return F.cross_entropy(logits[:, idx.to(logits.device)], lut.to(y.device)[y])
+    return loss
+
+
+def scenario_fingerprint(scenario: Scenario) -> dict:
+    """What identifies a scenario's data cheaply, for cache and checkpoint keys: the class split
+    and, per task and split, its size and label/pixel checksums. A different file under the same
+    name never reuses another's results."""
+    def digest(d: LabeledImages) -> list:
+        if not len(d):
+            return [0, 0, 0]
+        step = max(1, len(d) // 64)
+        return [len(d), int(d.labels.sum()), int(d.images[::step].to(torch.int64).sum())]
+    return {"name": scenario.name, "kind": scenario.kind, "classes": scenario.num_classes,
+            "tasks": [[list(t.classes), digest(t.train), digest(t.val), digest(t.test)] for t in scenario.tasks]}
 
 
 def seen_mask(scenario: Scenario, t: int) -> torch.Tensor:

@@ -77,13 +77,14 @@ from torch import nn
 from . import merge as mg
 from .benchmarks import BACKBONE, BENCHMARKS, CLASS_ORDER_SEED, SMOKE_MAX_PER_SPLIT, load_benchmark
 from .continual import (ContinualResult, cached_run, evaluate_after_task, gflops_per_image, predictions,
-                        seen_mask, state_bytes)
+                        scenario_fingerprint, seen_mask, state_bytes, task_local_loss)
 from .data import DatasetSplits, LabeledImages, Scenario, Task, class_incremental, load_dataset, make_split
 from .io import cache_root, config_key, load_meta, load_state, save_state, write_json
 from .metrics import mean_class_recall
 from .models import BOOK_IMAGE_SIZE, book_backbone
+from .models.clip import CIFAR100_TEMPLATES, IMAGENET_TEMPLATES, ClipImageEncoder, clip_model, zeroshot_weight
 from .profiles import check_profile
-from .train import FitConfig, IMAGENET_MEAN, IMAGENET_STD, device, fit, predict, seed_everything
+from .train import FitConfig, device, fit, predict, seed_everything
 
 CHAPTER = "magmax"
 VERSION = 2
@@ -126,35 +127,6 @@ IMAGENET_R_DOMAINS = ("deviantart", "cartoon", "misc", "embroidery", "videogame"
 IMAGENET_R_DOMAIN_ORDER = (9, 14, 7, 5, 6, 8, 13, 12, 1, 2, 10, 3, 4, 11, 0)
 CLASS_ORDERS = {"cifar100": CIFAR100_CLASS_ORDER, "imagenet-r": IMAGENET_R_CLASS_ORDER}
 
-# Prompt templates (src/datasets/templates.py; from CLIP's zero-shot notebooks): CIFAR-100 uses
-# 18, ImageNet-R (and DomainNet, CUB) the 80 ImageNet templates. "{}" is the class name.
-CIFAR100_TEMPLATES = (
-    "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.", "a low contrast photo of a {}.",
-    "a high contrast photo of a {}.", "a bad photo of a {}.", "a good photo of a {}.", "a photo of a small {}.",
-    "a photo of a big {}.", "a photo of the {}.", "a blurry photo of the {}.", "a black and white photo of the {}.",
-    "a low contrast photo of the {}.", "a high contrast photo of the {}.", "a bad photo of the {}.",
-    "a good photo of the {}.", "a photo of the small {}.", "a photo of the big {}.")
-IMAGENET_TEMPLATES = (
-    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
-    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
-    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
-    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
-    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
-    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.",
-    "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.",
-    "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
-    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.",
-    "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.",
-    "a photo of a {}.", "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.",
-    "a origami {}.", "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
-    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
-    "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
-    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.",
-    "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.",
-    "a photo of the weird {}.", "the cartoon {}.", "art of the {}.", "a drawing of the {}.",
-    "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.",
-    "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
-    "a photo of a small {}.", "a tattoo of the {}.")
 TEMPLATES = {"cifar100": CIFAR100_TEMPLATES, "imagenet-r": IMAGENET_TEMPLATES, "imagenet-r-dil": IMAGENET_TEMPLATES}
 
 # The paper's claims that the chapter checks (abstract; research note §4). Only the CIFAR-100
@@ -336,17 +308,6 @@ def load_imagenet_r(root: Path | str | None = None, seed: int = 0, size: int = 2
     return data, {s: dom[idx] for s, idx in parts.items()}
 
 
-def scenario_fingerprint(scenario: Scenario) -> dict:
-    """What identifies a scenario's data cheaply: classes, sizes and label/pixel checksums per task."""
-    def digest(d: LabeledImages) -> list:
-        if not len(d):
-            return [0, 0, 0]
-        step = max(1, len(d) // 64)
-        return [len(d), int(d.labels.sum()), int(d.images[::step].to(torch.int64).sum())]
-    return {"name": scenario.name, "kind": scenario.kind, "classes": scenario.num_classes,
-            "tasks": [[list(t.classes), digest(t.train), digest(t.val), digest(t.test)] for t in scenario.tasks]}
-
-
 # ----------------------------------------------------------------------------------- models
 class FrozenHead(nn.Module):
     """``logits = normalize(f) @ W.T`` with a fixed ``W`` (rows: unit class vectors × logit scale).
@@ -392,58 +353,6 @@ class HeadedModel(nn.Module):
         return self.head(self.backbone(x))
 
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class ClipImageEncoder(nn.Module):
-    """CLIP's image tower as a backbone (``encode_image``, 512-d, unnormalised).
-
-    Takes the book's batches (ImageNet-normalised) and re-normalises them with OpenAI's statistics;
-    smaller images are upsampled to ``image_size`` (bicubic), as open_clip's ``Resize(224)`` does.
-    """
-
-    def __init__(self, visual: nn.Module, image_size: int = 224):
-        super().__init__()
-        self.visual = visual
-        self.image_size = image_size
-        self.num_features = int(visual.output_dim)
-        shift = (torch.tensor(IMAGENET_MEAN) - torch.tensor(OPENAI_MEAN)) / torch.tensor(OPENAI_STD)
-        self.register_buffer("_scale", (torch.tensor(IMAGENET_STD) / torch.tensor(OPENAI_STD)).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("_shift", shift.view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * self._scale + self._shift
-        if x.shape[-1] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
-        return self.visual(x)
-
-
-def clip_model(name: str = "ViT-B-16", pretrained: str | None = "openai"):
-    """``(model, tokenizer)`` from open_clip (an optional dependency, imported here only)."""
-    try:
-        import open_clip
-    except ImportError as err:  # pragma: no cover - environment dependent
-        raise ImportError("the paper profile needs open_clip: pip install open_clip_torch") from err
-    model, _, _ = open_clip.create_model_and_transforms(name, pretrained=pretrained)
-    return model, open_clip.get_tokenizer(name)
-
-
-@torch.no_grad()
-def zeroshot_weight(model, tokenizer, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-    """The authors' ``build_classification_head``: per class, encode every template, L2-normalise,
-    average, L2-normalise again; stack and multiply by ``logit_scale.exp()`` (100 for OpenAI CLIP)."""
-    model.eval()
-    dev = next(model.parameters()).device
-    rows = []
-    for name in classnames:
-        emb = model.encode_text(tokenizer([t.format(name) for t in templates]).to(dev)).float()
-        emb = F.normalize(emb, dim=-1).mean(0)
-        rows.append(emb / emb.norm())
-    return torch.stack(rows).cpu() * model.logit_scale.exp().float().cpu()
-
-
 def build_backbone_and_head(settings: Mapping, profile: str, scenario: Scenario, templates: Sequence[str] | None = None,
                             pretrained: str | None = "openai") -> tuple[nn.Module, FrozenHead]:
     """The pretrained backbone θ_0 and the frozen head over all classes of ``scenario``."""
@@ -462,18 +371,6 @@ def build_backbone_and_head(settings: Mapping, profile: str, scenario: Scenario,
 
 
 # ----------------------------------------------------------------------------------- training
-def task_local_loss(classes: Sequence[int], num_classes: int) -> Callable:
-    """Cross-entropy over the current task's classes only (the authors' task head: labels remapped
-    to 0..|classes|-1 in sorted order, logits of the other classes left out)."""
-    idx = torch.tensor(sorted(classes), dtype=torch.long)
-    lut = torch.full((num_classes,), -100, dtype=torch.long)
-    lut[idx] = torch.arange(len(idx))
-
-    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(x)[:, idx.to(x.device)], lut.to(y.device)[y])
-    return loss
-
-
 def task_steps(n: int, settings: Mapping) -> int:
     """Optimiser steps for ``n`` images: ``epochs`` passes, at least ``min_steps``, at most ``max_steps``."""
     steps = max(int(settings["epochs"]) * math.ceil(n / int(settings["batch_size"])), int(settings["min_steps"] or 0))

@@ -2,7 +2,6 @@
 images that do not load, links to pages or anchors that do not exist, error output cells."""
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -97,3 +96,32 @@ def crawl(html_dir: Path, driver, screenshot_dir: Path | None = None) -> tuple[l
         if target in ids_by_page and fragment not in ids_by_page[target]:
             problems.append(f"{rel}: link to a missing anchor {target.name}#{fragment}")
     return [str(p.relative_to(html_dir)) for p in sorted(seen)], problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.browser [_build/html]``: crawl a built book (any profile), print what a reader
+    would hit, exit 1 on any problem. ``make browse`` runs it on the last build."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("html_dir", nargs="?", default="_build/html", type=Path)
+    parser.add_argument("--screenshots", type=Path, default=None, help="save one PNG per page here")
+    args = parser.parse_args(argv)
+    if not (args.html_dir / "index.html").exists():
+        parser.error(f"no book at {args.html_dir}/index.html: run `make book` first")
+    if not chromium_available():
+        parser.error("chromium and chromedriver are not installed (`make browser` installs them as root)")
+    driver = make_driver()
+    try:
+        pages, problems = crawl(args.html_dir, driver, screenshot_dir=args.screenshots)
+    finally:
+        driver.quit()
+    print(f"{len(pages)} pages visited under {args.html_dir}")
+    for p in problems:
+        print("PROBLEM", p)
+    print("no problems" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

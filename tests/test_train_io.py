@@ -1,8 +1,4 @@
 """Training loop, schedules, checkpoints and artifacts."""
-import math
-import threading
-
-import numpy as np
 import pytest
 import torch
 from torch import nn

@@ -10,7 +10,6 @@ import fcntl
 import time
 from dataclasses import asdict, dataclass
 
-import torch
 from torch import nn
 
 from ..data import dataset_incremental, load_dataset
