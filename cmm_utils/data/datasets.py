@@ -100,9 +100,9 @@ def _read(manifest: Manifest, root: Path, size: int | None, download: bool):
         return read_idx_gz(files)
     if manifest.format == "cifar_binary_tar":
         return read_cifar_binary_tar(next(iter(files.values())))
-    csv = next(iter(files.values()))
-    return read_image_folder_csv(csv, root / (manifest.images_dir or csv.parent), manifest.columns,
-                                 manifest.extension, size)
+    first = next(iter(files.values()))
+    return read_image_folder_csv(files, root / (manifest.images_dir or first.parent), manifest.columns,
+                                 manifest.extension, size, manifest.classes, manifest.expect)
 
 
 def _manifest_for_path(path: Path) -> Manifest:
@@ -122,20 +122,24 @@ def _manifest_for_path(path: Path) -> Manifest:
                     images_dir=images_dir, columns={"id": "image_id", "label": "label", "group": "lesion_id"})
 
 
-def load_dataset(name_or_path: str | Path, *, seed: int = 0, size: int | None = None,
+def load_dataset(name_or_path: str | Path | Manifest, *, seed: int = 0, size: int | None = None,
                  channels: int | None = None, root: Path | str | None = None,
                  download: bool = True, max_per_split: int | None = None) -> DatasetSplits:
-    """Load a registered dataset (``data_manifests/<name>.yaml``) or a file/folder path.
+    """Load a registered dataset (``data_manifests/<name>.yaml``), a :class:`Manifest`, or a file/folder path.
 
     Missing splits are made from the train pool as the manifest says (seeded, stratified,
     group-disjoint where groups exist); a path gets val 10% and test 20% of what it lacks.
     ``size`` resizes every image once; ``channels`` converts grey/RGB; ``max_per_split`` keeps a
     seeded, stratified subset of each split (the ``smoke`` profile).
     """
-    text = str(name_or_path)
-    looks_like_path = text.endswith((".npz", "/")) or "/" in text or Path(text).exists()
+    is_manifest = isinstance(name_or_path, Manifest)
+    text = "" if is_manifest else str(name_or_path)
+    looks_like_path = not is_manifest and (text.endswith((".npz", "/")) or "/" in text or Path(text).exists())
     root = Path(root) if root is not None else data_root()
-    if looks_like_path:
+    if is_manifest:
+        manifest = name_or_path
+        arrays = _read(manifest, root, size, download)
+    elif looks_like_path:
         path = Path(text).expanduser()
         if not path.exists():
             raise DataError(f"dataset path {text!r} does not exist")

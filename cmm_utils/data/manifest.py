@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import urllib.request
@@ -20,6 +21,10 @@ import yaml
 
 MANIFEST_DIR = Path(__file__).resolve().parents[2] / "data_manifests"
 FORMATS = ("npz", "idx_gz", "cifar_binary_tar", "image_folder_csv")
+# image_folder_csv file roles: a label file per split (``labels`` = one pool), and ``metadata``
+LABEL_ROLES = {"labels": "pool", "train_labels": "train", "val_labels": "val", "test_labels": "test"}
+TABLE_ROLES = (*LABEL_ROLES, "metadata")
+EXPECT_KEYS = ("rows", "classes", "groups", "class_folder", "top_folder")
 
 
 class DataError(RuntimeError):
@@ -54,7 +59,8 @@ class Manifest:
     description: str = ""
     modality: str = ""
     keys: dict[str, str] = field(default_factory=dict)
-    columns: dict[str, str] = field(default_factory=dict)
+    columns: dict[str, Any] = field(default_factory=dict)
+    expect: dict[str, dict[str, Any]] = field(default_factory=dict)
     images_dir: str | None = None
     extension: str = ".jpg"
     paper_usage: str = ""
@@ -72,9 +78,60 @@ def _parse(raw: dict[str, Any], source_file: str) -> Manifest:
                   for f in raw.get("files") or [])
     known = {f for f in Manifest.__dataclass_fields__} - {"files", "classes", "image_size", "source_file"}
     kwargs = {k: v for k, v in raw.items() if k in known and v is not None}
-    return Manifest(files=files, classes=tuple(str(c) for c in raw["classes"]),
-                    image_size=tuple(raw.get("image_size", (0, 0))), source_file=source_file,
-                    **kwargs)
+    manifest = Manifest(files=files, classes=tuple(str(c) for c in raw["classes"]),
+                        image_size=tuple(raw.get("image_size", (0, 0))), source_file=source_file,
+                        **kwargs)
+    if manifest.format == "image_folder_csv":
+        _check_roles(manifest)
+        _check_group_columns(manifest)
+    _check_expect_spec(manifest)
+    return manifest
+
+
+def role_columns(columns: dict[str, Any], role: str | None) -> dict[str, Any]:
+    """The ``columns`` for one file: the shared entries, overridden by the entries under ``columns[role]``."""
+    shared = {k: v for k, v in columns.items() if k not in TABLE_ROLES}
+    return {**shared, **(columns.get(role) or {})}
+
+
+def _check_group_columns(m: Manifest) -> None:
+    """``group_from_id`` is a regex with a capture group, and no file takes groups from two places."""
+    for spec in m.files:
+        cols = role_columns(m.columns, spec.role)
+        pattern = cols.get("group_from_id")
+        if pattern is None:
+            continue
+        try:
+            groups = re.compile(pattern).groups
+        except (re.error, TypeError) as err:
+            raise DataError(f"{m.source_file}: columns.group_from_id {pattern!r} is not a "
+                            f"regex ({err})") from err
+        if groups < 1 or cols.get("group"):
+            raise DataError(f"{m.source_file}: columns.group_from_id {pattern!r} needs a capture group "
+                            f"(the group) and excludes columns.group (got {cols.get('group')!r})")
+
+
+def _check_roles(m: Manifest) -> None:
+    """Every file of an image folder has a known role (or none: one labels file), each role once."""
+    roles = [f.role or "labels" for f in m.files]
+    unknown = sorted(set(roles) - set(TABLE_ROLES))
+    if unknown or len(roles) != len(set(roles)):
+        raise DataError(f"{m.source_file}: file roles {roles}; each must be one of {TABLE_ROLES}, "
+                        f"at most once")
+
+
+def _check_expect_spec(m: Manifest) -> None:
+    """``expect`` names file roles, known checks and known classes (typos fail at load time)."""
+    roles = [f.role for f in m.files]
+    for role, checks in m.expect.items():
+        unknown = sorted(set(checks) - set(EXPECT_KEYS if role != "metadata" else ("rows",)))
+        named = {*(checks.get("classes") or {}),
+                 *(c for cs in (checks.get("top_folder") or {}).values() for c in cs)}
+        classes = sorted(named - set(m.classes))
+        if role not in roles or unknown or classes:
+            raise DataError(f"{m.source_file}: expect.{role} is invalid: roles are {roles}, checks "
+                            f"{EXPECT_KEYS} (metadata: rows), classes {list(m.classes)}; got checks {sorted(checks)}"
+                            + (f", unknown classes {classes}" if classes else ""))
 
 
 def load_manifests(directory: Path | str = MANIFEST_DIR) -> dict[str, Manifest]:

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import gzip
 import tarfile
+from itertools import combinations
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from .manifest import LABEL_ROLES
 
 Arrays = dict[str, tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]
 SPLITS = ("train", "val", "test")
@@ -107,29 +111,58 @@ def read_cifar_binary_tar(path: Path) -> Arrays:
     return out
 
 
-def read_image_folder_csv(csv_path: Path, images_dir: Path, columns: dict[str, str],
-                          extension: str = ".jpg", size: int | None = None) -> Arrays:
-    """Image files plus a CSV of labels, decoded once (resized to ``size``) into memory."""
-    import pandas as pd
+def read_image_folder_csv(files: dict[str, Path], images_dir: Path, columns: dict[str, Any],
+                          extension: str = ".jpg", size: int | None = None, classes: Sequence[str] = (),
+                          expect: dict[str, dict[str, Any]] | None = None) -> Arrays:
+    """Image files plus label tables, checked, then decoded once (resized to ``size``) into memory.
+
+    ``files`` maps each file's role to its path: ``labels`` (or no role) is one pool,
+    ``train_labels``/``val_labels``/``test_labels`` are official splits, ``metadata`` supplies the
+    group column joined on the id. :mod:`.label_tables` reads and checks the labels; here every
+    listed image must exist, and no image file name may be in two split lists.
+    """
+    from .label_tables import load_table, metadata_groups  # pandas, only for this format
+
+    expect = expect or {}
+    groups = (metadata_groups(files["metadata"], columns, expect.get("metadata", {}))
+              if "metadata" in files else None)
+    tables = {LABEL_ROLES.get(role, "pool"): load_table(path, role, columns, classes, groups, expect.get(role))
+              for role, path in files.items() if role != "metadata"}
+    images = {split: [_image_file(images_dir, i, extension) for i in t.ids] for split, t in tables.items()}
+    _check_disjoint(images, tables)
+    for split, t in tables.items():
+        missing = [f for f in images[split] if not f.exists()]
+        if missing:
+            raise FileNotFoundError(f"{missing[0]} is listed in {t.path} but missing ({len(missing)} of "
+                                    f"{len(t.ids)} listed images missing under {images_dir})")
+    return {split: (_decode(images[split], size, t.path), t.labels, t.extras) for split, t in tables.items()}
+
+
+def _image_file(images_dir: Path, image_id: str, extension: str) -> Path:
+    return images_dir / (image_id if Path(image_id).suffix else image_id + extension)
+
+
+def _check_disjoint(images: dict[str, list[Path]], tables: dict) -> None:
+    names = {split: {f.name for f in files} for split, files in images.items()}
+    for a, b in combinations(names, 2):
+        shared = sorted(names[a] & names[b])
+        if shared:
+            raise ValueError(f"{len(shared)} images are in both the {a} list {tables[a].path} and the {b} "
+                             f"list {tables[b].path}, e.g. {shared[0]!r}")
+
+
+def _decode(files: list[Path], size: int | None, listed_in: Path) -> np.ndarray:
     from PIL import Image
 
-    table = pd.read_csv(csv_path)
-    id_col, label_col = columns.get("id", "image_id"), columns.get("label", "label")
-    for col in (id_col, label_col):
-        if col not in table.columns:
-            raise ValueError(f"{csv_path}: column {col!r} missing; columns are {list(table.columns)}")
     images = []
-    for image_id in tqdm(table[id_col].astype(str), desc=f"decoding {images_dir.name}", leave=False):
-        file = images_dir / (image_id if Path(image_id).suffix else image_id + extension)
-        if not file.exists():
-            raise FileNotFoundError(f"{file} is listed in {csv_path} but missing")
+    for file in tqdm(files, desc=f"decoding {listed_in.name}", leave=False):
         with Image.open(file) as im:
             im = im.convert("RGB")
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
             images.append(np.asarray(im))
-    extras = {name: table[columns[key]].fillna("").astype(str).to_numpy()
-              for name, key in (("groups", "group"), ("split", "split"))
-              if columns.get(key) in table.columns}
-    return {"pool": (np.stack(images), table[label_col].to_numpy().astype(np.int64), extras)}
-
+    shapes = sorted({im.shape[:2] for im in images})
+    if len(shapes) > 1:
+        raise ValueError(f"the images listed in {listed_in} differ in size ({len(shapes)} sizes (H, W), "
+                         f"e.g. {shapes[:3]}); pass size= to load_dataset to resize them as they load")
+    return np.stack(images)
