@@ -127,6 +127,22 @@ CHAPTERS = {"magmax": "MagMax", "cmm": "Holistic continual model merging (CMM)",
             "dynammo": "DynaMMo", "medmerge": "MedMerge"}
 
 
+def verdict_mark(claim: dict) -> str:
+    """The front page's word for one claim: a chapter sets ``supported`` to True, False or None;
+    None means *not tested* only when there is no result of ours, else the result was mixed."""
+    supported = claim.get("supported")
+    if supported is True:
+        return "yes"
+    if supported is False:
+        return "**no**"
+    ours = claim.get("ours")
+    if ours is None or (isinstance(ours, str) and ours.startswith("not run")):
+        return "not tested here"
+    if claim.get("paper_value") in (None, ""):
+        return "no paper value (ours for reference)"
+    return "mixed / inconclusive"
+
+
 def write_verdicts_page(profile: str) -> Path:
     """``book/verdicts.md`` (included by the front page): per paper, what reproduced and what did
     not, read from each chapter's ``results/<profile>/<chapter>/verdict.json`` of this build."""
@@ -147,10 +163,9 @@ def write_verdicts_page(profile: str) -> Path:
         claims = verdict.get("claims", [])
         if claims:
             lines.append("| claim | paper | ours | supported |\n|---|---|---|---|")
-            mark = {True: "yes", False: "**no**", None: "not tested here"}
             for c in claims:
                 cells = [str(c.get(k, "")).replace("|", "/").replace("\n", " ") for k in ("claim", "paper_value", "ours")]
-                lines.append(f"| {cells[0]} | {cells[1]} | {cells[2]} | {mark.get(c.get('supported'), c.get('supported'))} |")
+                lines.append(f"| {cells[0]} | {cells[1]} | {cells[2]} | {verdict_mark(c)} |")
             lines.append("")
         lines.append(f"Rerun: `{verdict.get('rerun', 'make book PROFILE=' + profile)}`\n")
     page = REPO_ROOT / "book" / "verdicts.md"
