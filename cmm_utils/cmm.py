@@ -74,8 +74,8 @@ from torch import nn
 
 from . import merge as mg
 from .benchmarks import load_benchmark
-from .continual import (ContinualResult, cached_run, evaluate_after_task, gflops_per_image, scenario_fingerprint,
-                        state_bytes, task_local_loss)
+from .continual import (ContinualResult, cached_run, evaluate_after_task, gflops_per_image, pooled_mean_class_recall,
+                        scenario_fingerprint, state_bytes, task_local_loss)
 from .data import LabeledImages, Scenario, Task
 from .io import cache_root, config_key, load_meta, load_state, save_state
 from .linearize import LinearizedModel
@@ -583,11 +583,14 @@ def run_cmm(scenario: Scenario, encoder0: nn.Module, head_fn: Callable[[Task], t
             _ckpt_path(identity, cfg, t - 1).with_suffix(".json").unlink(missing_ok=True)
         if dbg:
             save_state(_debug_path(identity, cfg), dbg)
+    complete = len(R) == T
+    mcr = pooled_mean_class_recall(net, scenario) if complete else float("nan")
     gflops = gflops_per_image(net, image_size, channels)
     return ContinualResult(cfg.method, R, acc_seen, bytes_stored=bytes_per_task[-1], gflops=gflops,
                            train_seconds=seconds,
                            extra={"bytes_per_task": bytes_per_task, "mismatch": mismatch,
-                                  "correction_losses": corr_losses, "importance": imp_stats})
+                                  "correction_losses": corr_losses, "importance": imp_stats,
+                                  "mean_class_recall": mcr})
 
 
 def _debug_path(identity: Mapping, cfg: CMMConfig) -> Path:
@@ -650,10 +653,12 @@ def run_seq_baseline(scenario: Scenario, encoder0: nn.Module, head_fn: Callable[
         acc_seen.append(acc)
         bytes_per_task.append(state_bytes(*keep))
         bytes_all.append(state_bytes(theta0, *([seq] * (t + 1))) if cfg.merge != "last" else state_bytes(seq))
+    mcr = pooled_mean_class_recall(CMMNet(eval_enc, head), scenario)
     gflops = gflops_per_image(net, image_size, channels)
     return ContinualResult(cfg.method, R, acc_seen, bytes_stored=bytes_per_task[-1], gflops=gflops,
                            train_seconds=seconds,
-                           extra={"bytes_per_task": bytes_per_task, "bytes_all_checkpoints": bytes_all})
+                           extra={"bytes_per_task": bytes_per_task, "bytes_all_checkpoints": bytes_all,
+                                  "mean_class_recall": mcr})
 
 
 # --------------------------------------------------------------------------- entry points
@@ -682,8 +687,9 @@ def run_config(method: str, benchmark: str, profile: str, seed: int, settings: M
         unused |= {"correction_loss", "representation_lr", "correction_weight_decay"}
     if method in BASELINES:
         unused |= {"alpha", "mismatch_images"}
+    # result_version 2: results carry the final mean class recall (checkpoints are reused)
     return {"method": method, "benchmark": benchmark, "seed": seed, "backbone": backbone, "profile": profile,
-            "chapter": CHAPTER, **{k: v for k, v in asdict(cfg).items() if k not in unused}}
+            "chapter": CHAPTER, "result_version": 2, **{k: v for k, v in asdict(cfg).items() if k not in unused}}
 
 
 _ENCODERS: dict = {}

@@ -107,6 +107,20 @@ def evaluate_after_task(logits_fn: LogitsFn, scenario: Scenario, t: int, split: 
     return row, correct / max(1, total)
 
 
+def pooled_mean_class_recall(logits_fn: LogitsFn, scenario: Scenario, t: int | None = None, split: str = "test",
+                             batch_size: int = 256) -> float:
+    """Mean class recall (balanced accuracy) on the pooled ``split`` images of tasks ``0..t`` (all
+    tasks by default), under the same rule as :func:`evaluate_after_task`: all classes scored,
+    predictions restricted to the classes seen so far. Unlike pooled accuracy it does not reward
+    predicting the majority class (HAM10000's naevi): that scores 1/C here."""
+    from .metrics import mean_class_recall
+
+    t = len(scenario.tasks) - 1 if t is None else t
+    data = scenario.joint(split, upto=t)
+    pred = predictions(predict(logits_fn, data, batch_size), seen_mask(scenario, t))
+    return mean_class_recall(data.labels.numpy(), pred.numpy())
+
+
 def state_bytes(*states: Mapping[str, torch.Tensor] | torch.Tensor) -> int:
     """Bytes of the tensors a method keeps (state dicts or single tensors)."""
     total = 0

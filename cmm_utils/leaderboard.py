@@ -62,14 +62,24 @@ def run_entry(entry: Entry, benchmark: str, profile: str, seed: int) -> Continua
     return getattr(importlib.import_module(module), function)(entry.method, benchmark, profile, seed)
 
 
+def final_mean_class_recall(result: ContinualResult) -> float:
+    """Mean class recall on all classes after the last task, as each chapter records it
+    (``extra['mean_class_recall']``; DynaMMo keeps it per task in ``extra['mcr_seen']``)."""
+    if "mean_class_recall" in result.extra:
+        return float(result.extra["mean_class_recall"])
+    per_task = result.extra.get("mcr_seen") or [float("nan")]
+    return float(per_task[-1])
+
+
 def result_rows(entry: Entry, benchmark: str, seed: int, result: ContinualResult) -> dict:
     return {"benchmark": benchmark, "method": entry.label, "chapter": entry.chapter, "family": entry.family,
-            "seed": seed, **{k: v for k, v in result.summary().items() if k != "method"}}
+            "seed": seed, **{k: v for k, v in result.summary().items() if k != "method"},
+            "mean_class_recall": final_mean_class_recall(result)}
 
 
 def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
     """mean ± std over seeds per benchmark and method; accuracies in %, memory in MB."""
-    metrics = ["final_acc", "avg_incremental_acc", "forgetting"]
+    metrics = ["final_acc", "mean_class_recall", "avg_incremental_acc", "forgetting"]
     g = frame.groupby(["benchmark", "method"], sort=False)
     out = pd.DataFrame({m: (100 * g[m].mean()).round(1).astype(str) + " ± " + (100 * g[m].std(ddof=0)).round(1).astype(str)
                         for m in metrics})

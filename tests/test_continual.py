@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from cmm_utils.continual import (ContinualResult, cached_run, evaluate_after_task, gflops_per_image,
-                                 load_cached_runs, state_bytes)
+                                 load_cached_runs, pooled_mean_class_recall, state_bytes)
+from cmm_utils.leaderboard import final_mean_class_recall
 from cmm_utils.data import DatasetSplits, LabeledImages, class_incremental
 
 
@@ -26,6 +27,24 @@ def test_predictions_are_restricted_to_seen_classes():
     row, seen = evaluate_after_task(logits, scenario, 1)
     assert row == [0.0, pytest.approx(0.5)]  # class 3 is now allowed and always predicted
     assert seen == pytest.approx(0.25)
+
+
+def test_mean_class_recall_does_not_reward_the_majority_class():
+    scenario = tiny_scenario()
+    always_class_0 = lambda x: torch.tensor([[9.0, 0.0, 0.0, 0.0]]).expand(x.shape[0], -1)
+    # after the last task: 4 balanced classes, one always right -> recall 1, 0, 0, 0
+    assert pooled_mean_class_recall(always_class_0, scenario) == pytest.approx(0.25)
+    assert pooled_mean_class_recall(always_class_0, scenario, t=0) == pytest.approx(0.5)
+    # the same outputs with the unseen class 3 preferred: restricted to seen classes after task 0
+    prefers_3 = lambda x: torch.tensor([[1.0, 0.0, 0.0, 9.0]]).expand(x.shape[0], -1)
+    assert pooled_mean_class_recall(prefers_3, scenario, t=0) == pytest.approx(0.5)
+
+
+def test_leaderboard_reads_each_chapters_recall():
+    base = dict(method="m", R=[[0.5]], acc_seen=[0.5])
+    assert final_mean_class_recall(ContinualResult(**base, extra={"mean_class_recall": 0.3})) == 0.3
+    assert final_mean_class_recall(ContinualResult(**base, extra={"mcr_seen": [0.6, 0.2]})) == 0.2
+    assert np.isnan(final_mean_class_recall(ContinualResult(**base)))
 
 
 def test_gflops_counts_multiply_adds_twice():
