@@ -77,7 +77,7 @@ from .benchmarks import load_benchmark
 from .continual import (ContinualResult, cached_run, evaluate_after_task, gflops_per_image, pooled_mean_class_recall,
                         scenario_fingerprint, state_bytes, task_local_loss)
 from .data import LabeledImages, Scenario, Task
-from .io import cache_root, config_key, load_meta, load_state, save_state
+from .io import cache_root, config_key, load_meta, load_state, save_state, strip_prefix, with_prefix
 from .linearize import LinearizedModel
 from .train import FitConfig, FitResult, device, fit, predict, seed_everything
 
@@ -484,15 +484,6 @@ def _ckpt_path(identity: Mapping, cfg: CMMConfig, t: int) -> Path:
     return _ckpt_dir() / f"{fam['family']}-task{t}-{config_key({**identity, **fam}, 16)}.safetensors"
 
 
-def _split_prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    n = len(prefix)
-    return {k[n:]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _prefixed(prefix: str, state: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    return {} if state is None else {prefix + k: v for k, v in state.items()}
-
-
 def run_cmm(scenario: Scenario, encoder0: nn.Module, head_fn: Callable[[Task], torch.Tensor], cfg: CMMConfig,
             seed: int, identity: Mapping, *, debug: bool = False, resume: bool = True,
             stop_after: int | None = None, image_size: int = 28, channels: int = 3) -> ContinualResult:
@@ -521,8 +512,8 @@ def run_cmm(scenario: Scenario, encoder0: nn.Module, head_fn: Callable[[Task], t
             if path.exists():
                 state = load_state(path)
                 meta = load_meta(path)
-                set_state(enc, _split_prefixed(state, "theta."))
-                importance = (_split_prefixed(state, "F.") or None) if cfg.merge == "importance" else None
+                set_state(enc, strip_prefix(state, "theta."))
+                importance = (strip_prefix(state, "F.") or None) if cfg.merge == "importance" else None
                 R, acc_seen, mismatch = meta["R"], meta["acc_seen"], meta["mismatch"]
                 # task 0 may come from another variant's run: count this variant's own state
                 bytes_per_task = meta["bytes_per_task"][:t] + [carried_bytes(cfg.method, get_state(enc), theta0, importance)]
@@ -566,9 +557,9 @@ def run_cmm(scenario: Scenario, encoder0: nn.Module, head_fn: Callable[[Task], t
                     mismatch.append({"task": t, "data": data, "stage": stage, **d[data]})
             del teacher
             if debug and t == 1:
-                dbg = {**_prefixed("prev.", prev), **_prefixed("prev_F.", prev_importance), **_prefixed("new.", new),
-                       **_prefixed("new_F.", new_importance), **_prefixed("merged.", merged),
-                       **_prefixed("corrected.", get_state(enc))}
+                dbg = {**with_prefix("prev.", prev), **with_prefix("prev_F.", prev_importance), **with_prefix("new.", new),
+                       **with_prefix("new_F.", new_importance), **with_prefix("merged.", merged),
+                       **with_prefix("corrected.", get_state(enc))}
         seconds += time.time() - tic
         row, acc = evaluate_after_task(net, scenario, t)
         R.append(row)
@@ -577,7 +568,7 @@ def run_cmm(scenario: Scenario, encoder0: nn.Module, head_fn: Callable[[Task], t
         meta = {"R": R, "acc_seen": acc_seen, "bytes_per_task": bytes_per_task, "mismatch": mismatch,
                 "correction_losses": corr_losses, "importance": imp_stats, "seconds": seconds}
         save_state(_ckpt_path(identity, cfg, t),
-                   {**_prefixed("theta.", get_state(enc)), **_prefixed("F.", importance)}, meta)
+                   {**with_prefix("theta.", get_state(enc)), **with_prefix("F.", importance)}, meta)
         if t >= 2:  # only the latest (and the shared task 0) is needed to resume
             _ckpt_path(identity, cfg, t - 1).unlink(missing_ok=True)
             _ckpt_path(identity, cfg, t - 1).with_suffix(".json").unlink(missing_ok=True)
@@ -625,8 +616,8 @@ def run_seq_baseline(scenario: Scenario, encoder0: nn.Module, head_fn: Callable[
         path = _ckpt_path(identity, cfg, t)
         if resume and path.exists():
             state, meta = load_state(path), load_meta(path)
-            seq = _split_prefixed(state, "theta.")
-            running = {"sum": _split_prefixed(state, "sum."), "max": _split_prefixed(state, "max.")}
+            seq = strip_prefix(state, "theta.")
+            running = {"sum": strip_prefix(state, "sum."), "max": strip_prefix(state, "max.")}
             set_state(enc, seq)
             seconds = meta["seconds"]
         else:
@@ -638,8 +629,8 @@ def run_seq_baseline(scenario: Scenario, encoder0: nn.Module, head_fn: Callable[
             running = ({"sum": tau, "max": {k: v.clone() for k, v in tau.items()}} if running is None else
                        {"sum": mg.task_arithmetic([running["sum"], tau], 1.0), "max": mg.magmax([running["max"], tau])})
             seconds += time.time() - tic
-            save_state(path, {**_prefixed("theta.", seq), **_prefixed("sum.", running["sum"]),
-                              **_prefixed("max.", running["max"])}, {"seconds": seconds})
+            save_state(path, {**with_prefix("theta.", seq), **with_prefix("sum.", running["sum"]),
+                              **with_prefix("max.", running["max"])}, {"seconds": seconds})
         if cfg.merge == "last":
             model, keep = seq, [seq]
         elif cfg.merge == "average":
@@ -784,7 +775,7 @@ def two_task_states(scenario: Scenario, profile: str, seed: int, linear: bool = 
     if not path.exists():
         run_cmm_method(method, scenario, profile, seed, debug=True, stop_after=2, **overrides)
     state = load_state(path)
-    return {k: _split_prefixed(state, k + ".") for k in ("prev", "prev_F", "new", "new_F", "merged", "corrected")}
+    return {k: strip_prefix(state, k + ".") for k in ("prev", "prev_F", "new", "new_F", "merged", "corrected")}
 
 
 def _probe(task: Task, n: int) -> LabeledImages:

@@ -66,7 +66,7 @@ from .benchmarks import BACKBONE, BENCHMARKS, CLASS_ORDER_SEED, SMOKE_MAX_PER_SP
 from .continual import (ContinualResult, cached_run, evaluate_after_task, gflops_per_image, predictions,
                         seen_mask, state_bytes)
 from .data import LabeledImages, Scenario, Task, class_incremental, load_dataset, make_split
-from .io import cache_root, config_key, load_meta, load_state, save_state
+from .io import cache_root, config_key, load_meta, load_state, save_state, strip_prefix, with_prefix
 from .metrics import mean_class_recall
 from .models import BOOK_IMAGE_SIZE, Classifier, book_backbone
 from .profiles import check_profile
@@ -422,10 +422,6 @@ class Stage1State:
     losses: list[list[float]] = field(default_factory=list)
 
 
-def _prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
 def adapter_stage1(scenario: Scenario, backbone: nn.Module, settings: Mapping, seed: int, budget: int,
                    checkpoint_dir: Path | None = None) -> Stage1State:
     """Stage 1 and the memory for every task; with ``checkpoint_dir``, per-task checkpoints (safetensors)
@@ -442,9 +438,9 @@ def adapter_stage1(scenario: Scenario, backbone: nn.Module, settings: Mapping, s
             meta = load_meta(done[-1])
             for t in range(meta["tasks"]):
                 net.add_task(len(scenario.tasks[t].classes))
-                net.adapters[t].load_state_dict(_prefix(ck, f"adapters.{t}."))
+                net.adapters[t].load_state_dict(strip_prefix(ck, f"adapters.{t}."))
                 state.memories.append(LabeledImages(ck[f"memory.{t}.images"], ck[f"memory.{t}.labels"]))
-            state.aux_head0 = _prefix(ck, "aux_head0.")
+            state.aux_head0 = strip_prefix(ck, "aux_head0.")
             state.seconds, state.losses = list(meta["seconds"]), list(meta["losses"])
             memory = Memory.from_state(budget, {"memory_images": state.memories[-1].images,
                                                 "memory_labels": state.memories[-1].labels})
@@ -468,8 +464,9 @@ def adapter_stage1(scenario: Scenario, backbone: nn.Module, settings: Mapping, s
         state.seconds.append(time.time() - t0)
         state.losses.append(losses)
         if checkpoint_dir is not None:
-            tensors = {f"adapters.{i}.{k}": v for i, a in enumerate(net.adapters) for k, v in a.state_dict().items()}
-            tensors.update({f"aux_head0.{k}": v for k, v in state.aux_head0.items()})
+            tensors = with_prefix("aux_head0.", state.aux_head0)
+            for i, a in enumerate(net.adapters):
+                tensors.update(with_prefix(f"adapters.{i}.", a.state_dict()))
             for i, mem in enumerate(state.memories):
                 tensors[f"memory.{i}.images"], tensors[f"memory.{i}.labels"] = mem.images, mem.labels
             path = checkpoint_dir / f"stage1-task{t}.safetensors"

@@ -77,6 +77,17 @@ def save_state(path: Path | str, state: Mapping[str, torch.Tensor], meta: Mappin
         write_json(path.with_suffix(".json"), dict(meta))
 
 
+def with_prefix(prefix: str, state: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """``state`` with every key prefixed: several state dicts packed into one safetensors file."""
+    return {} if state is None else {prefix + k: v for k, v in state.items()}
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` under ``prefix``, prefix removed (the inverse of :func:`with_prefix`)."""
+    n = len(prefix)
+    return {k[n:]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def load_state(path: Path | str) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 

@@ -415,10 +415,6 @@ def merge_task_vectors(method: str, task_vectors: Sequence[Mapping[str, torch.Te
 BN_STATS = ("average", "merge")
 
 
-def _is_bn_stat(key: str) -> bool:
-    return key.endswith(("running_mean", "running_var"))
-
-
 def apply_merged(base: Mapping[str, torch.Tensor], merged_tv: Mapping[str, torch.Tensor], lam: float,
                  stats_tv: Mapping[str, torch.Tensor] | None = None) -> dict:
     """``θ_0 + λ·τ`` (:func:`cmm_utils.merge.apply`) with the BatchNorm policy.
@@ -432,7 +428,7 @@ def apply_merged(base: Mapping[str, torch.Tensor], merged_tv: Mapping[str, torch
     """
     out = mg.apply(base, merged_tv, lam)
     for k, v in out.items():
-        if _is_bn_stat(k):
+        if mg.bn_statistic(k):
             if stats_tv is not None:
                 out[k] = (base[k].double() + stats_tv[k].double()).to(v.dtype)
             if k.endswith("running_var"):
@@ -461,7 +457,7 @@ def lambda_grid(method: str, points: int, fixed: float | None = None) -> list[fl
 
 # ----------------------------------------------------------------------------------- analysis
 def _param_keys(tv: Mapping[str, torch.Tensor]) -> list[str]:
-    return [k for k, v in tv.items() if v.is_floating_point() and not _is_bn_stat(k)]
+    return [k for k, v in tv.items() if v.is_floating_point() and not mg.bn_statistic(k)]
 
 
 @torch.no_grad()

@@ -739,7 +739,8 @@ def linear_interpolation(a: StateDict, b: StateDict, alpha: float) -> dict[str, 
 BN_POLICIES = ("average", "last", "reset")
 
 
-def _is_bn_stat(key: str) -> str | None:
+def bn_statistic(key: str) -> str | None:
+    """``"running_mean"`` / ``"running_var"`` if ``key`` is a BatchNorm running statistic, else None."""
     for suffix in ("running_mean", "running_var"):
         if key.endswith(suffix):
             return suffix
@@ -772,7 +773,7 @@ def average_adapters(adapter_state_dicts: Iterable[StateDict], bn_policy: str = 
     last: dict[str, Tensor] = {}
 
     def averaged(k: str, v: Tensor) -> bool:
-        return _is_float(v) and (bn_policy == "average" or not _is_bn_stat(k))
+        return _is_float(v) and (bn_policy == "average" or not bn_statistic(k))
 
     def split(stream: Iterable[StateDict]) -> Iterator[dict[str, Tensor]]:
         for sd in _validated(stream, "adapter state dict"):
@@ -785,7 +786,7 @@ def average_adapters(adapter_state_dicts: Iterable[StateDict], bn_policy: str = 
 
     out = average(split(adapter_state_dicts))
     for k, v in last.items():
-        stat = _is_bn_stat(k)
+        stat = bn_statistic(k)
         if bn_policy == "reset" and stat and _is_float(v):
             out[k] = torch.full_like(v, 0.0 if stat == "running_mean" else 1.0)
         else:

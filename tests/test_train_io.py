@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from cmm_utils.data import LabeledImages
-from cmm_utils.io import atomic_path, cached_state, config_key, load_meta, load_state, save_state
+from cmm_utils.io import (atomic_path, cached_state, config_key, load_meta, load_state, save_state, strip_prefix,
+                          with_prefix)
 from cmm_utils.profiles import check_profile, select
 from cmm_utils.train import FitConfig, fit, lr_factor, make_optimizer, predict, seed_everything
 
@@ -94,3 +95,12 @@ def test_profiles():
         check_profile("fast")
     with pytest.raises(ValueError, match="unknown setting 'epoch'"):
         select(table, "cpu", epoch=3)
+
+
+def test_several_states_pack_into_one_file_and_unpack(tmp_path):
+    a, b = {"w": torch.ones(2)}, {"w": torch.zeros(3), "b": torch.ones(1)}
+    save_state(tmp_path / "s.safetensors", {**with_prefix("a.", a), **with_prefix("ab.", b), **with_prefix("c.", None)})
+    back = load_state(tmp_path / "s.safetensors")
+    assert set(back) == {"a.w", "ab.w", "ab.b"}
+    assert strip_prefix(back, "a.").keys() == {"w"} and torch.equal(strip_prefix(back, "a.")["w"], a["w"])
+    assert torch.equal(strip_prefix(back, "ab.")["w"], b["w"]) and strip_prefix(back, "c.") == {}
