@@ -1,6 +1,8 @@
 # cmm-book: one entry point. `make book` (main job) and `make test` work on a fresh machine:
 # they create .venv, install the pinned packages and vendor MathJax for the offline book.
 PROFILE ?= cpu
+# A relative data/cache/results root is meant from here, not from notebooks/ where kernels (and `make lab`) start.
+$(foreach v,CMM_DATA CMM_CACHE CMM_RESULTS,$(if $(strip $($(v))),$(eval export $(v) := $(abspath $($(v))))))
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

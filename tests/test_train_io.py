@@ -104,3 +104,18 @@ def test_several_states_pack_into_one_file_and_unpack(tmp_path):
     assert set(back) == {"a.w", "ab.w", "ab.b"}
     assert strip_prefix(back, "a.").keys() == {"w"} and torch.equal(strip_prefix(back, "a.")["w"], a["w"])
     assert torch.equal(strip_prefix(back, "ab.")["w"], b["w"]) and strip_prefix(back, "c.") == {}
+
+
+def test_relative_root_variables_are_anchored_where_cmm_utils_is_first_imported(tmp_path, monkeypatch):
+    import os
+
+    import cmm_utils
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CMM_DATA", "../data")
+    monkeypatch.setenv("CMM_CACHE", "cache")
+    monkeypatch.setenv("CMM_RESULTS", "/already/absolute")
+    cmm_utils.anchor_root_variables()
+    assert os.environ["CMM_DATA"] == str((tmp_path / ".." / "data").resolve())
+    assert os.environ["CMM_CACHE"] == str(tmp_path / "cache")
+    assert os.environ["CMM_RESULTS"] == "/already/absolute"
