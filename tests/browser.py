@@ -2,6 +2,7 @@
 images that do not load, links to pages or anchors that do not exist, error output cells."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,7 +17,10 @@ def chromium_available() -> bool:
     return bool(shutil.which("chromium") and shutil.which("chromedriver"))
 
 
-def make_driver():
+@contextlib.contextmanager
+def chromium_driver():
+    """A headless Chromium with a fresh profile; the browser quits and its profile folder is
+    deleted on exit (each profile is a few MB, and CI shares its disk with the venv)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -24,8 +28,13 @@ def make_driver():
     opts.binary_location = shutil.which("chromium")
     for flag in CHROMIUM_FLAGS:
         opts.add_argument(flag)
-    opts.add_argument(f"--user-data-dir={tempfile.mkdtemp(prefix='cmm-chromium-')}")
-    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    with tempfile.TemporaryDirectory(prefix="cmm-chromium-") as profile:
+        opts.add_argument(f"--user-data-dir={profile}")
+        driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+        try:
+            yield driver
+        finally:
+            driver.quit()
 
 
 WAIT_FOR_PAGE = """
@@ -111,11 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no book at {args.html_dir}/index.html: run `make book` first")
     if not chromium_available():
         parser.error("chromium and chromedriver are not installed (`make browser` installs them as root)")
-    driver = make_driver()
-    try:
+    with chromium_driver() as driver:
         pages, problems = crawl(args.html_dir, driver, screenshot_dir=args.screenshots)
-    finally:
-        driver.quit()
     print(f"{len(pages)} pages visited under {args.html_dir}")
     for p in problems:
         print("PROBLEM", p)

@@ -8,7 +8,7 @@ import pytest
 
 from cmm_utils import runner
 
-from .browser import chromium_available, crawl, make_driver
+from .browser import chromium_available, chromium_driver, crawl
 
 pytestmark = [pytest.mark.book, pytest.mark.timeout(1500)]
 
@@ -42,11 +42,8 @@ def test_every_page_renders_in_a_headless_browser(built_book, tmp_path):
         if os.environ.get("CI"):
             pytest.fail("chromium and chromedriver are required in CI (make browser installs them)")
         pytest.skip("chromium/chromedriver not installed (make browser installs them)")
-    driver = make_driver()
-    try:
+    with chromium_driver() as driver:
         pages, problems = crawl(built_book.parent, driver, screenshot_dir=tmp_path / "shots")
-    finally:
-        driver.quit()
     chapters = [p for p in pages if p.startswith("book/chapters/")]
     assert len(chapters) == len(runner.notebooks()), pages
     assert not problems, "\n".join(problems)
@@ -60,11 +57,8 @@ def test_the_browser_check_catches_what_a_reader_would_hit(tmp_path):
         '<img src="missing.png"><a href="page.html#nowhere">anchor</a></body></html>')
     (tmp_path / "page.html").write_text(
         '<html><body><div id="here"></div><div class="output traceback">ZeroDivisionError</div></body></html>')
-    driver = make_driver()
-    try:
+    with chromium_driver() as driver:
         pages, problems = crawl(tmp_path, driver)
-    finally:
-        driver.quit()
     text = "\n".join(problems)
     assert sorted(pages) == ["index.html", "page.html"]
     for expected in ("broken link gone.html", "image does not load", "missing anchor page.html#nowhere",
