@@ -61,6 +61,7 @@ Choices for the book's backbones (deviations from the authors' code, each delibe
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,7 +75,7 @@ from torch import nn
 
 from . import merge as mg
 from .benchmarks import load_benchmark
-from .continual import (ContinualResult, cached_run, evaluate_after_task, gflops_per_image, pooled_mean_class_recall,
+from .continual import (ContinualResult, cached_run, evaluate_seen_tasks, gflops_per_image, pooled_mean_class_recall,
                         scenario_fingerprint, state_bytes, task_local_loss)
 from .data import LabeledImages, Scenario, Task
 from .io import cache_root, config_key, load_meta, load_state, save_state, strip_prefix, with_prefix
@@ -503,7 +504,7 @@ def run_cmm(scenario: Scenario, encoder0: nn.Module, head_fn: Callable[[Task], t
     head = CosineHead(C, encoder_dim(encoder0), cfg.logit_scale).to(dev)
     net = CMMNet(enc, head)
     R, acc_seen, bytes_per_task, mismatch, corr_losses, imp_stats = [], [], [], [], [], []
-    seconds, importance, start = 0.0, None, 0
+    seconds, importance, start, mcr = 0.0, None, 0, float("nan")
     if resume:
         for t in reversed(range(T)):
             if debug and t >= 1:
@@ -518,6 +519,7 @@ def run_cmm(scenario: Scenario, encoder0: nn.Module, head_fn: Callable[[Task], t
                 # task 0 may come from another variant's run: count this variant's own state
                 bytes_per_task = meta["bytes_per_task"][:t] + [carried_bytes(cfg.method, get_state(enc), theta0, importance)]
                 corr_losses, imp_stats, seconds = meta["correction_losses"], meta["importance"], meta["seconds"]
+                mcr = meta.get("mean_class_recall", float("nan"))
                 start = t + 1
                 break
     for t, task in enumerate(scenario.tasks[:stop_after]):
@@ -561,12 +563,14 @@ def run_cmm(scenario: Scenario, encoder0: nn.Module, head_fn: Callable[[Task], t
                        **with_prefix("new_F.", new_importance), **with_prefix("merged.", merged),
                        **with_prefix("corrected.", get_state(enc))}
         seconds += time.time() - tic
-        row, acc = evaluate_after_task(net, scenario, t)
-        R.append(row)
-        acc_seen.append(acc)
+        score = evaluate_seen_tasks(net, scenario, t)
+        R.append(score.row)
+        acc_seen.append(score.accuracy)
+        mcr = score.mean_class_recall
         bytes_per_task.append(carried_bytes(cfg.method, get_state(enc), theta0, importance))
         meta = {"R": R, "acc_seen": acc_seen, "bytes_per_task": bytes_per_task, "mismatch": mismatch,
-                "correction_losses": corr_losses, "importance": imp_stats, "seconds": seconds}
+                "correction_losses": corr_losses, "importance": imp_stats, "seconds": seconds,
+                "mean_class_recall": mcr}
         save_state(_ckpt_path(identity, cfg, t),
                    {**with_prefix("theta.", get_state(enc)), **with_prefix("F.", importance)}, meta)
         if t >= 2:  # only the latest (and the shared task 0) is needed to resume
@@ -575,7 +579,10 @@ def run_cmm(scenario: Scenario, encoder0: nn.Module, head_fn: Callable[[Task], t
         if dbg:
             save_state(_debug_path(identity, cfg), dbg)
     complete = len(R) == T
-    mcr = pooled_mean_class_recall(net, scenario) if complete else float("nan")
+    if not complete:
+        mcr = float("nan")
+    elif math.isnan(mcr):  # resumed from a checkpoint written before checkpoints kept it
+        mcr = pooled_mean_class_recall(net, scenario)
     gflops = gflops_per_image(net, image_size, channels)
     return ContinualResult(cfg.method, R, acc_seen, bytes_stored=bytes_per_task[-1], gflops=gflops,
                            train_seconds=seconds,
@@ -639,12 +646,12 @@ def run_seq_baseline(scenario: Scenario, encoder0: nn.Module, head_fn: Callable[
             model, keep = mg.apply(theta0, running["max"], MAGMAX_SCALE), [seq, theta0, running["max"]]
         eval_enc = copy.deepcopy(enc)
         set_state(eval_enc, model)
-        row, acc = evaluate_after_task(CMMNet(eval_enc, head), scenario, t)
-        R.append(row)
-        acc_seen.append(acc)
+        score = evaluate_seen_tasks(CMMNet(eval_enc, head), scenario, t)
+        R.append(score.row)
+        acc_seen.append(score.accuracy)
         bytes_per_task.append(state_bytes(*keep))
         bytes_all.append(state_bytes(theta0, *([seq] * (t + 1))) if cfg.merge != "last" else state_bytes(seq))
-    mcr = pooled_mean_class_recall(CMMNet(eval_enc, head), scenario)
+    mcr = score.mean_class_recall  # of the model after the last task
     gflops = gflops_per_image(net, image_size, channels)
     return ContinualResult(cfg.method, R, acc_seen, bytes_stored=bytes_per_task[-1], gflops=gflops,
                            train_seconds=seconds,

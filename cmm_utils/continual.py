@@ -91,34 +91,63 @@ def predictions(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(~mask, float("-inf")).argmax(1)
 
 
-def evaluate_after_task(logits_fn: LogitsFn, scenario: Scenario, t: int, split: str = "test",
-                        batch_size: int = 256) -> tuple[list[float], float]:
-    """Row ``R[t, :]`` (NaN for tasks after ``t``) and the pooled accuracy on tasks ``0..t``."""
-    mask, row, correct, total = seen_mask(scenario, t), [], 0, 0
+@dataclass(frozen=True)
+class SeenTasksScore:
+    """One model scored on the ``split`` images of tasks ``0..t`` under the pinned rule."""
+    row: list[float]         # R[t, :]: accuracy per task, NaN for tasks after t
+    accuracy: float          # pooled over tasks 0..t (sample-weighted): acc_seen[t]
+    mean_class_recall: float  # balanced accuracy on the same pooled images
+    predicted: torch.Tensor  # pooled predictions, tasks 0..t in order
+    labels: torch.Tensor
+
+
+def score_seen_tasks(task_logits: Sequence[torch.Tensor], scenario: Scenario, t: int,
+                     split: str = "test") -> SeenTasksScore:
+    """Score the logits of tasks ``0..t`` (``task_logits[i]``: all-class logits of task ``i``'s
+    ``split`` images, in order; longer lists are cut at ``t``). Every score of the book comes from
+    here, so one set of logits gives ``R[t, :]``, the pooled accuracy and the mean class recall,
+    and a caller that scores several ``t`` (MagMax's rows) computes the logits once.
+
+    Mean class recall does not reward predicting the majority class (HAM10000's naevi): that scores
+    1/C here, while pooled accuracy scores the class's share."""
+    from .metrics import mean_class_recall
+
+    mask, row, preds = seen_mask(scenario, t), [], []
     for i, task in enumerate(scenario.tasks):
         if i > t:
             row.append(float("nan"))
             continue
-        data: LabeledImages = getattr(task, split)
-        pred = predictions(predict(logits_fn, data, batch_size), mask)
-        hits = int((pred == data.labels).sum())
-        row.append(hits / max(1, len(data)))
-        correct, total = correct + hits, total + len(data)
-    return row, correct / max(1, total)
+        labels = getattr(task, split).labels
+        pred = predictions(task_logits[i], mask) if len(labels) else labels.clone()
+        row.append(int((pred == labels).sum()) / max(1, len(labels)))
+        preds.append(pred)
+    labels = torch.cat([getattr(task, split).labels for task in scenario.tasks[: t + 1]])
+    predicted = torch.cat(preds)
+    accuracy = int((predicted == labels).sum()) / max(1, len(labels))
+    mcr = mean_class_recall(labels.numpy(), predicted.numpy()) if len(labels) else float("nan")
+    return SeenTasksScore(row, accuracy, mcr, predicted, labels)
+
+
+def evaluate_seen_tasks(logits_fn: LogitsFn, scenario: Scenario, t: int, split: str = "test",
+                        batch_size: int = 256) -> SeenTasksScore:
+    """Run ``logits_fn`` once over the ``split`` images of tasks ``0..t`` and score them."""
+    logits = [predict(logits_fn, getattr(task, split), batch_size) for task in scenario.tasks[: t + 1]]
+    return score_seen_tasks(logits, scenario, t, split)
+
+
+def evaluate_after_task(logits_fn: LogitsFn, scenario: Scenario, t: int, split: str = "test",
+                        batch_size: int = 256) -> tuple[list[float], float]:
+    """Row ``R[t, :]`` (NaN for tasks after ``t``) and the pooled accuracy on tasks ``0..t``."""
+    score = evaluate_seen_tasks(logits_fn, scenario, t, split, batch_size)
+    return score.row, score.accuracy
 
 
 def pooled_mean_class_recall(logits_fn: LogitsFn, scenario: Scenario, t: int | None = None, split: str = "test",
                              batch_size: int = 256) -> float:
     """Mean class recall (balanced accuracy) on the pooled ``split`` images of tasks ``0..t`` (all
-    tasks by default), under the same rule as :func:`evaluate_after_task`: all classes scored,
-    predictions restricted to the classes seen so far. Unlike pooled accuracy it does not reward
-    predicting the majority class (HAM10000's naevi): that scores 1/C here."""
-    from .metrics import mean_class_recall
-
+    tasks by default), under the same rule as :func:`evaluate_after_task`."""
     t = len(scenario.tasks) - 1 if t is None else t
-    data = scenario.joint(split, upto=t)
-    pred = predictions(predict(logits_fn, data, batch_size), seen_mask(scenario, t))
-    return mean_class_recall(data.labels.numpy(), pred.numpy())
+    return evaluate_seen_tasks(logits_fn, scenario, t, split, batch_size).mean_class_recall
 
 
 def state_bytes(*states: Mapping[str, torch.Tensor] | torch.Tensor) -> int:

@@ -63,11 +63,9 @@ from torch import nn
 
 from .adapters import AdapterNet, min_others_scores
 from .benchmarks import BACKBONE, BENCHMARKS, CLASS_ORDER_SEED, SMOKE_MAX_PER_SPLIT, load_benchmark
-from .continual import (ContinualResult, cached_run, evaluate_after_task, gflops_per_image, predictions,
-                        seen_mask, state_bytes)
+from .continual import ContinualResult, cached_run, evaluate_seen_tasks, gflops_per_image, seen_mask, state_bytes
 from .data import LabeledImages, Scenario, Task, class_incremental, load_dataset, make_split
 from .io import cache_root, config_key, load_meta, load_state, save_state, strip_prefix, with_prefix
-from .metrics import mean_class_recall
 from .models import BOOK_IMAGE_SIZE, Classifier, book_backbone
 from .profiles import check_profile
 from .train import FitConfig, device, fit, lr_factor, make_optimizer, predict, seed_everything
@@ -480,29 +478,17 @@ def adapter_stage1(scenario: Scenario, backbone: nn.Module, settings: Mapping, s
 
 
 def evaluate(logits_fn: Callable[[torch.Tensor], torch.Tensor], scenario: Scenario, t: int) -> tuple[list, float, float, float]:
-    """The pinned row ``R[t, :]`` and pooled accuracy (:func:`evaluate_after_task`), plus, from the
-    *same* outputs (recorded as the pinned function asks for them: tasks ``0..t`` in order, batches in
-    order, so the test set is seen once), the mean class recall over the seen classes and the task
-    accuracy (how often the predicted class belongs to the right task: for DynaMMo and ACL, how often
+    """The pinned row ``R[t, :]``, pooled accuracy and mean class recall over the seen classes
+    (:func:`~cmm_utils.continual.evaluate_seen_tasks`), plus, from the same predictions, the task
+    accuracy: how often the predicted class belongs to the right task (for DynaMMo and ACL, how often
     the min-others rule routes an image to its own task's head)."""
-    recorded: list[torch.Tensor] = []
-
-    def recording(x):
-        out = logits_fn(x)
-        recorded.append(out.detach().float().cpu())
-        return out
-
-    row, acc = evaluate_after_task(recording, scenario, t)
-    labels = scenario.joint("test", upto=t).labels
-    logits = torch.cat(recorded) if recorded else torch.empty(0, scenario.num_classes)
-    if len(logits) != len(labels):
-        raise RuntimeError(f"recorded {len(logits)} outputs for {len(labels)} test images")
-    pred = predictions(logits, seen_mask(scenario, t))
+    score = evaluate_seen_tasks(logits_fn, scenario, t)
     task_of = torch.zeros(scenario.num_classes, dtype=torch.long)
     for i, task in enumerate(scenario.tasks):
         task_of[list(task.classes)] = i
-    task_acc = float((task_of[pred] == task_of[labels]).float().mean()) if len(labels) else float("nan")
-    return row, acc, mean_class_recall(labels.numpy(), pred.numpy()), task_acc
+    task_acc = (float((task_of[score.predicted] == task_of[score.labels]).float().mean())
+                if len(score.labels) else float("nan"))
+    return score.row, score.accuracy, score.mean_class_recall, task_acc
 
 
 def adapter_spread(adapters: Sequence[Mapping[str, torch.Tensor]]) -> float:

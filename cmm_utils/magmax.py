@@ -76,11 +76,10 @@ from torch import nn
 
 from . import merge as mg
 from .benchmarks import BACKBONE, BENCHMARKS, CLASS_ORDER_SEED, SMOKE_MAX_PER_SPLIT, load_benchmark
-from .continual import (ContinualResult, cached_run, evaluate_after_task, gflops_per_image, predictions,
-                        scenario_fingerprint, seen_mask, state_bytes, task_local_loss)
+from .continual import (ContinualResult, cached_run, evaluate_after_task, evaluate_seen_tasks, gflops_per_image,
+                        scenario_fingerprint, score_seen_tasks, state_bytes, task_local_loss)
 from .data import DatasetSplits, LabeledImages, Scenario, Task, class_incremental, load_dataset, make_split
 from .io import cache_root, config_key, load_meta, load_state, save_state, write_json
-from .metrics import mean_class_recall
 from .models import BOOK_IMAGE_SIZE, book_backbone
 from .models.clip import CIFAR100_TEMPLATES, IMAGENET_TEMPLATES, ClipImageEncoder, clip_model, zeroshot_weight
 from .profiles import check_profile
@@ -651,41 +650,21 @@ class MagMaxRun:
                                    batch_size=int(self.settings["eval_batch"]))
 
     def _logit_rows(self, state: Mapping[str, torch.Tensor], ts: Sequence[int]) -> tuple[list, list, float]:
-        """Rows ``R[t, :]`` for ``t`` in ``ts`` of one model, with test logits computed once: the
-        seen-class mask of each step applied by :func:`cmm_utils.continual.predictions`, exactly as
-        :func:`~cmm_utils.continual.evaluate_after_task` does. Also returns the mean class recall
-        on the pooled test set of the last ``t`` (HAM10000 is 58 % naevi: accuracy alone flatters
-        a model that answers "nv" to everything)."""
+        """Rows ``R[t, :]`` for ``t`` in ``ts`` of one model (the pretrained or joint baseline), its
+        test logits computed once and scored by :func:`cmm_utils.continual.score_seen_tasks`. Also
+        returns the mean class recall on the pooled test set of the last ``t`` (HAM10000 is 58 %
+        naevi: accuracy alone flatters a model that answers "nv" to everything)."""
         net = self.eval_model(state)
-        upto = max(ts)
-        logits = [predict(net, task.test, int(self.settings["eval_batch"])) for task in self.scenario.tasks[: upto + 1]]
-        R, seen, mcr = [], [], float("nan")
-        for t in ts:
-            mask, row, preds = seen_mask(self.scenario, t), [], []
-            for i, task in enumerate(self.scenario.tasks):
-                if i > t:
-                    row.append(float("nan"))
-                    continue
-                preds.append(predictions(logits[i], mask))
-                row.append(float((preds[-1] == task.test.labels).sum()) / max(1, len(task.test)))
-            labels = torch.cat([task.test.labels for task in self.scenario.tasks[: t + 1]])
-            pooled = torch.cat(preds)
-            R.append(row)
-            seen.append(float((pooled == labels).sum()) / max(1, len(labels)))
-            mcr = mean_class_recall(labels.numpy(), pooled.numpy())
-        return R, seen, mcr
+        logits = [predict(net, task.test, int(self.settings["eval_batch"])) for task in self.scenario.tasks[: max(ts) + 1]]
+        scores = [score_seen_tasks(logits, self.scenario, t) for t in ts]
+        return [s.row for s in scores], [s.accuracy for s in scores], scores[-1].mean_class_recall
 
     def _rows(self, state_after: Callable[[int], Mapping[str, torch.Tensor]]) -> tuple[list, list, float]:
-        """``R`` of a method whose model after task ``t`` is ``state_after(t)``: rows before the last
-        with :func:`~cmm_utils.continual.evaluate_after_task`, the last (all classes) from one pass
-        that also gives the mean class recall."""
-        R, seen = [], []
-        for t in range(self.T - 1):
-            row, acc = self.evaluate(state_after(t), t)
-            R.append(row)
-            seen.append(acc)
-        last, acc, mcr = self._logit_rows(state_after(self.T - 1), [self.T - 1])
-        return R + last, seen + acc, mcr
+        """``R`` of a method whose model after task ``t`` is ``state_after(t)``, and the mean class
+        recall of the model after the last task."""
+        scores = [evaluate_seen_tasks(self.eval_model(state_after(t)), self.scenario, t,
+                                      batch_size=int(self.settings["eval_batch"])) for t in range(self.T)]
+        return [s.row for s in scores], [s.accuracy for s in scores], scores[-1].mean_class_recall
 
     def merged(self, merge: str, regime: str, upto: int, lam: float, bn_stats: str | None = None) -> dict:
         """θ_0 + λ_t·merge(τ_1..τ_{upto+1}), BatchNorm statistics by ``bn_stats`` (default: settings)."""

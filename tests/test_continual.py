@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from cmm_utils.continual import (ContinualResult, cached_run, evaluate_after_task, gflops_per_image,
-                                 load_cached_runs, pooled_mean_class_recall, state_bytes)
+from cmm_utils.continual import (ContinualResult, cached_run, evaluate_after_task, evaluate_seen_tasks,
+                                 gflops_per_image, load_cached_runs, pooled_mean_class_recall, score_seen_tasks,
+                                 state_bytes)
 from cmm_utils.leaderboard import final_mean_class_recall
 from cmm_utils.data import DatasetSplits, LabeledImages, class_incremental
 
@@ -38,6 +39,28 @@ def test_mean_class_recall_does_not_reward_the_majority_class():
     # the same outputs with the unseen class 3 preferred: restricted to seen classes after task 0
     prefers_3 = lambda x: torch.tensor([[1.0, 0.0, 0.0, 9.0]]).expand(x.shape[0], -1)
     assert pooled_mean_class_recall(prefers_3, scenario, t=0) == pytest.approx(0.5)
+
+
+def test_one_set_of_logits_scores_every_step_like_a_fresh_evaluation():
+    scenario = tiny_scenario()
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(256, 4, generator=gen)
+
+    def logits_fn(x):  # a deterministic, image-independent but row-varying model
+        return table[: x.shape[0]]
+
+    logits = [logits_fn(torch.zeros(len(task.test), 1)) for task in scenario.tasks]
+    for t in range(2):
+        once = score_seen_tasks(logits, scenario, t)
+        fresh = evaluate_seen_tasks(logits_fn, scenario, t)
+        assert np.array_equal(np.array(once.row), np.array(fresh.row), equal_nan=True)
+        assert (once.accuracy, once.mean_class_recall) == (fresh.accuracy, fresh.mean_class_recall)
+        assert once.row[:t + 1] == evaluate_after_task(logits_fn, scenario, t)[0][:t + 1]
+        assert torch.equal(once.labels, scenario.joint("test", upto=t).labels)
+        assert once.predicted.max() <= max(scenario.seen_classes(t))  # restricted to the seen classes
+    # pooled accuracy is sample-weighted over tasks 0..t
+    score = score_seen_tasks(logits, scenario, 1)
+    assert score.accuracy == pytest.approx(float((score.predicted == score.labels).float().mean()))
 
 
 def test_leaderboard_reads_each_chapters_recall():
