@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -97,12 +98,18 @@ def load_meta(path: Path | str) -> dict[str, Any]:
     return json.loads(side.read_text()) if side.exists() else {}
 
 
-def cached_state(path: Path | str, compute: Callable[[], Mapping[str, torch.Tensor]],
-                 meta: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
-    """Load ``path`` if it exists, else compute, save atomically and return (resume on rerun)."""
+def cached_state(path: Path | str, compute: Callable[[], tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]]
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
+    """The state at ``path`` and its metadata, else ``compute()`` them, save atomically and return
+    them; the flag says whether they came from the cache (resume on rerun). One process computes:
+    concurrent callers (parallel notebooks, test workers) wait on a lock file beside ``path``, then
+    load what it saved instead of training the same thing again."""
     path = Path(path)
-    if path.exists():
-        return load_state(path)
-    state = dict(compute())
-    save_state(path, state, meta)
-    return state
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            return load_state(path), load_meta(path), True
+        state, meta = compute()
+        save_state(path, state, meta)
+        return dict(state), dict(meta), False

@@ -59,7 +59,7 @@ from torch import nn
 
 from . import alignment, merge
 from .data import DatasetSplits, LabeledImages, load_dataset
-from .io import cache_root, config_key, load_meta, load_state, save_state
+from .io import cache_root, cached_state, config_key, load_meta, load_state, save_state
 from .kernel_merge import collapse_kernel_merge, kernel_weights, wrap_kernel_merge
 from .landscape import plane_grid, recompute_bn
 from .metrics import macro_f1, quadratic_kappa
@@ -202,25 +202,24 @@ def train_source(arch: str, dataset: str, cfg: Mapping, init_seed: int, verbose:
     layers), cached as safetensors keyed by the whole configuration; returns the backbone."""
     key = _source_key(arch, dataset, cfg, init_seed)
     path = cache_root() / CHAPTER / "sources" / f"{arch}-{Path(str(dataset)).stem}-{config_key(key)}.safetensors"
+
+    def train() -> tuple[dict, dict]:
+        data = load_target(dataset, cfg["source_data_seed"], cfg, max_per_split=cfg["source_max_per_split"])
+        seed_everything(init_seed)
+        backbone = build_backbone(arch, scale=cfg["scale"], image_size=cfg["image_size"])
+        model = Classifier(backbone, data.num_classes)
+        fit(model, data.train, _fit_config(cfg, "source"), seed=init_seed, desc=f"source {arch} on {data.name}")
+        scores = evaluate(model, data.test)
+        return backbone.state_dict(), {**key, "test_accuracy": scores["accuracy"], "test_macro_f1": scores["macro_f1"],
+                                       "classes": list(data.classes)}
+
+    state, meta, cached = cached_state(path, train)
     backbone = build_backbone(arch, scale=cfg["scale"], image_size=cfg["image_size"])
-    if path.exists():
-        backbone.load_state_dict(load_state(path))
-        if verbose:
-            meta = load_meta(path)
-            print(f"{arch} source on {dataset} loaded from cache (test accuracy {meta.get('test_accuracy', float('nan')):.3f}, "
-                  f"macro F1 {meta.get('test_macro_f1', float('nan')):.3f})")
-        return backbone
-    data = load_target(dataset, cfg["source_data_seed"], cfg, max_per_split=cfg["source_max_per_split"])
-    seed_everything(init_seed)
-    backbone = build_backbone(arch, scale=cfg["scale"], image_size=cfg["image_size"])
-    model = Classifier(backbone, data.num_classes)
-    fit(model, data.train, _fit_config(cfg, "source"), seed=init_seed, desc=f"source {arch} on {data.name}")
-    scores = evaluate(model, data.test)
-    save_state(path, backbone.state_dict(), {**key, "test_accuracy": scores["accuracy"],
-                                             "test_macro_f1": scores["macro_f1"], "classes": list(data.classes)})
+    backbone.load_state_dict(state)
     if verbose:
-        print(f"{arch} source trained on {data.name} from random init (seed {init_seed}): test accuracy "
-              f"{scores['accuracy']:.3f}, macro F1 {scores['macro_f1']:.3f}; cached at {path}")
+        how = "loaded from cache:" if cached else f"trained from random init (seed {init_seed}), cached at {path}:"
+        print(f"{arch} source on {dataset} {how} test accuracy {meta.get('test_accuracy', float('nan')):.3f}, "
+              f"macro F1 {meta.get('test_macro_f1', float('nan')):.3f}")
     return backbone
 
 

@@ -75,10 +75,34 @@ def test_atomic_write_leaves_nothing_when_interrupted(tmp_path):
 
 def test_cached_state_resumes_without_recomputing(tmp_path):
     calls = []
-    compute = lambda: (calls.append(1), {"w": torch.ones(2)})[1]
-    a = cached_state(tmp_path / "c.safetensors", compute)
-    b = cached_state(tmp_path / "c.safetensors", compute)
+    compute = lambda: (calls.append(1), ({"w": torch.ones(2)}, {"score": 0.5}))[1]
+    a, meta_a, cached_a = cached_state(tmp_path / "c.safetensors", compute)
+    b, meta_b, cached_b = cached_state(tmp_path / "c.safetensors", compute)
     assert len(calls) == 1 and torch.equal(a["w"], b["w"])
+    assert (cached_a, cached_b) == (False, True) and meta_a == meta_b == {"score": 0.5}
+
+
+def test_cached_state_is_computed_once_by_concurrent_callers(tmp_path):
+    import threading
+    import time
+
+    calls = []
+
+    def slow_training():
+        calls.append(1)
+        time.sleep(0.3)
+        return {"w": torch.full((2,), float(len(calls)))}, {}
+
+    results = []
+    workers = [threading.Thread(target=lambda: results.append(cached_state(tmp_path / "s.safetensors", slow_training)))
+               for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(calls) == 1
+    assert sorted(flag for _, _, flag in results) == [False, True, True]
+    assert all(torch.equal(state["w"], torch.ones(2)) for state, _, _ in results)
 
 
 def test_config_key_changes_with_any_parameter():

@@ -6,14 +6,13 @@ whole configuration, and every chapter reuses them. The ``paper`` profile loads 
 """
 from __future__ import annotations
 
-import fcntl
 import time
 from dataclasses import asdict, dataclass
 
 from torch import nn
 
 from ..data import dataset_incremental, load_dataset
-from ..io import cache_root, config_key, load_meta, load_state, save_state
+from ..io import cache_root, cached_state, config_key
 from ..train import FitConfig, accuracy, device, fit, predict, seed_everything
 from .backbones import Classifier, build_backbone
 
@@ -38,22 +37,19 @@ def pretrained_backbone(arch: str, *, scale: str, image_size: int, cfg: Pretrain
     key = {"arch": arch, "scale": scale, "image_size": image_size, "seed": seed,
            "version": PRETRAIN_VERSION, **asdict(cfg)}
     path = cache_root() / "backbones" / f"{arch}-{scale}-{image_size}px-{config_key(key)}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # One process pretrains; concurrent ones (parallel notebooks, tests) wait for it and load.
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return _load_or_pretrain(path, key, arch, scale, image_size, cfg, seed, verbose)
-
-
-def _load_or_pretrain(path, key, arch, scale, image_size, cfg, seed, verbose) -> nn.Module:
+    state, meta, cached = cached_state(path, lambda: _pretrain(key, arch, scale, image_size, cfg, seed))
     backbone = build_backbone(arch, scale=scale, image_size=image_size)
-    if path.exists():
-        backbone.load_state_dict(load_state(path))
-        if verbose:
-            meta = load_meta(path)
-            print(f"pretrained {arch} loaded from cache {path.name} "
-                  f"(source test accuracy {meta.get('source_test_accuracy', float('nan')):.3f})")
-        return backbone
+    backbone.load_state_dict(state)
+    if verbose and cached:
+        print(f"pretrained {arch} loaded from cache {path.name} "
+              f"(source test accuracy {meta.get('source_test_accuracy', float('nan')):.3f})")
+    elif verbose:
+        print(f"pretrained {arch} on {'+'.join(cfg.sources)} in {meta['seconds']:.0f}s, "
+              f"source test accuracy {meta['source_test_accuracy']:.3f}; cached at {path}")
+    return backbone
+
+
+def _pretrain(key, arch, scale, image_size, cfg, seed) -> tuple[dict, dict]:
     seed_everything(seed)
     backbone = build_backbone(arch, scale=scale, image_size=image_size)
     sources = [load_dataset(name, seed=seed, size=image_size, channels=3, max_per_split=cfg.max_per_split)
@@ -67,13 +63,8 @@ def _load_or_pretrain(path, key, arch, scale, image_size, cfg, seed, verbose) ->
         seed=seed, desc=f"pretrain {arch}")
     test = scenario.joint("test")
     acc = accuracy(predict(model, test), test.labels)
-    save_state(path, backbone.state_dict(),
-               {**key, "source_test_accuracy": acc, "seconds": time.time() - start,
-                "classes": list(scenario.class_names)})
-    if verbose:
-        print(f"pretrained {arch} on {'+'.join(cfg.sources)} in {time.time() - start:.0f}s, "
-              f"source test accuracy {acc:.3f}; cached at {path}")
-    return backbone.cpu()
+    return backbone.cpu().state_dict(), {**key, "source_test_accuracy": acc, "seconds": time.time() - start,
+                                         "classes": list(scenario.class_names)}
 
 
 # The book's pretraining per profile: every chapter calls ``book_backbone`` so they share one cache.
