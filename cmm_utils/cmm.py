@@ -57,6 +57,9 @@ Choices for the book's backbones (deviations from the authors' code, each delibe
   (bicubic), so CIFAR100 is kept at 32 px in memory; the authors' train transform also crops
   (``RandomResizedCrop(scale=(0.9, 1))``), ours only flips.
 - The correction's AdamW keeps PyTorch's default weight decay 0.01, as the authors' code does.
+
+The networks and frozen heads live in ``cmm_utils.cmm_networks`` (re-exported here), the
+computations behind the chapter's figures in ``cmm_utils.cmm_figures``.
 """
 from __future__ import annotations
 
@@ -68,19 +71,39 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import merge as mg
 from .benchmarks import load_benchmark
+from .cmm_networks import (TEMPLATES, CMMNet, CosineHead, ProjectedEncoder, encoder_dim, get_state, make_encoder,
+                           named_theta, projection_name, prototype_weights, set_state, template_list,
+                           zero_shot_weights)
 from .continual import (ContinualResult, cached_run, evaluate_seen_tasks, gflops_per_image, pooled_mean_class_recall,
                         scenario_fingerprint, state_bytes, task_local_loss)
 from .data import LabeledImages, Scenario, Task
 from .io import cache_root, config_key, load_meta, load_state, save_state, strip_prefix, with_prefix
 from .linearize import LinearizedModel
 from .train import FitConfig, FitResult, device, fit, predict, seed_everything
+
+__all__ = [
+    # profiles and configs
+    "CHAPTER", "PROFILES", "PAPER_DATASETS", "IMAGE_SIZE", "METHODS", "CMM_METHODS", "BASELINES", "MAGMAX_SCALE",
+    "CORRECTION_LOSSES", "HEADS", "BACKBONES", "TEMPLATES", "CMMConfig", "method_config",
+    # networks and heads (cmm_utils.cmm_networks), the linearisation (cmm_utils.linearize)
+    "ProjectedEncoder", "projection_name", "encoder_dim", "CosineHead", "CMMNet", "named_theta", "get_state",
+    "set_state", "make_encoder", "prototype_weights", "template_list", "zero_shot_weights", "LinearizedModel",
+    # encoders θ0
+    "build_encoder", "head_weights_fn",
+    # the three stages
+    "subsample", "train_task", "adam_importance", "merge_step", "correct_representation", "feature_distance",
+    "carried_bytes",
+    # runs
+    "weights_fingerprint", "run_cmm", "run_seq_baseline",
+    # entry points
+    "load_scenario", "run_config", "run_cmm_method", "cached_method_run", "benchmark_run", "majority_reference",
+]
 
 CHAPTER = "cmm"
 
@@ -135,7 +158,6 @@ MAGMAX_SCALE = 0.5  # the authors' λ for MagMax (note §2.5)
 CORRECTION_LOSSES = ("l1", "l2")
 HEADS = ("fixed", "prototype", "zeroshot")
 BACKBONES = ("resnet18", "densenet121", "vit_tiny", "clip_vit_b16")
-TEMPLATES = ("photo", "simple_imagenet", "openai_imagenet")
 
 
 @dataclass(frozen=True)
@@ -186,133 +208,6 @@ def method_config(method: str, settings: Mapping) -> CMMConfig:
     fields = {f for f in CMMConfig.__dataclass_fields__}
     kw = {k: v for k, v in settings.items() if k in fields}
     return CMMConfig(method=method, **METHODS[method], **kw)
-
-
-# --------------------------------------------------------------------------- networks
-class ProjectedEncoder(nn.Module):
-    """``proj(backbone(x))``: the backbone's pooled features through a bias-free ``Linear(d, d)``
-    initialised to the identity, the analogue of CLIP's ``visual.proj`` that the correction trains."""
-
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        d = backbone.num_features
-        self.num_features = d
-        self.proj = nn.Linear(d, d, bias=False)
-        with torch.no_grad():
-            self.proj.weight.copy_(torch.eye(d))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.backbone(x))
-
-
-def projection_name(encoder: nn.Module) -> str:
-    """Name of the final projection in θ: ``proj.weight`` (ours) or ``proj`` (open_clip's ViT)."""
-    base = encoder._func if isinstance(encoder, LinearizedModel) else encoder
-    if isinstance(base, ProjectedEncoder):
-        return "proj.weight"
-    if isinstance(getattr(base, "proj", None), nn.Parameter):
-        return "proj"
-    if isinstance(getattr(getattr(base, "visual", None), "proj", None), nn.Parameter):
-        return "visual.proj"  # cmm_utils.models.clip.ClipImageEncoder around CLIP's visual tower
-    raise ValueError(f"{type(base).__name__} has no final projection (expected ProjectedEncoder or a CLIP visual tower)")
-
-
-def encoder_dim(encoder: nn.Module) -> int:
-    for attr in ("num_features", "output_dim"):
-        if hasattr(encoder, attr):
-            return int(getattr(encoder, attr))
-    raise ValueError(f"cannot tell the feature size of {type(encoder).__name__}")
-
-
-class CosineHead(nn.Module):
-    """Frozen ``scale · cos(z, w_c)`` over all classes of the scenario; rows are set per task.
-
-    Rows of classes not seen yet are 0 (logit 0); the evaluation masks them anyway.
-    """
-
-    def __init__(self, num_classes: int, dim: int, scale: float):
-        super().__init__()
-        self.register_buffer("weight", torch.zeros(num_classes, dim))
-        self.scale = float(scale)
-
-    @torch.no_grad()
-    def set_rows(self, classes: Sequence[int], weights: torch.Tensor) -> None:
-        self.weight[list(classes)] = weights.to(self.weight)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.normalize(z, dim=-1) @ F.normalize(self.weight, dim=-1).T
-
-
-class CMMNet(nn.Module):
-    """``head(encoder(x))``; the encoder is a :class:`LinearizedModel` or a standard network."""
-
-    def __init__(self, encoder: nn.Module, head: CosineHead):
-        super().__init__()
-        self.encoder, self.head = encoder, head
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
-
-
-def named_theta(encoder: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return list(encoder.named_theta() if isinstance(encoder, LinearizedModel) else encoder.named_parameters())
-
-
-def get_state(encoder: nn.Module) -> dict[str, torch.Tensor]:
-    """θ as a state dict: the linearised parameters, or a standard network's full state (BN stats too)."""
-    if isinstance(encoder, LinearizedModel):
-        return encoder.theta()
-    return {k: v.detach().clone() for k, v in encoder.state_dict().items()}
-
-
-def set_state(encoder: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    if isinstance(encoder, LinearizedModel):
-        encoder.load_theta(dict(state))
-    else:
-        encoder.load_state_dict(dict(state))
-
-
-def make_encoder(encoder0: nn.Module, linear: bool) -> nn.Module:
-    """A trainable copy of θ0: linearised around θ0 (CMM) or the network itself (standard)."""
-    return LinearizedModel(encoder0) if linear else copy.deepcopy(encoder0)
-
-
-# --------------------------------------------------------------------------- heads
-@torch.no_grad()
-def prototype_weights(encoder0: nn.Module, data: LabeledImages, classes: Sequence[int]) -> torch.Tensor:
-    """Class means of the pretrained encoder's features (rows in ``classes`` order): the frozen
-    head that stands in for CLIP's zero-shot text head (see the module docstring)."""
-    feats = predict(encoder0, data)
-    rows = []
-    for c in classes:
-        mask = data.labels == c
-        rows.append(feats[mask].mean(0) if mask.any() else torch.zeros(feats.shape[1]))
-    return torch.stack(rows)
-
-
-def template_list(name: str):
-    if name not in TEMPLATES:
-        raise ValueError(f"unknown templates {name!r}; valid: {', '.join(TEMPLATES)}")
-    if name == "photo":
-        return ("a photo of a {}.",)
-    from open_clip import zero_shot_metadata as meta
-    return meta.OPENAI_IMAGENET_TEMPLATES if name == "openai_imagenet" else meta.SIMPLE_IMAGENET_TEMPLATES
-
-
-@torch.no_grad()
-def zero_shot_weights(clip_model, tokenizer, class_names: Sequence[str], templates: str) -> torch.Tensor:
-    """The authors' zero-shot head (rows = classes): per template encode, L2-normalise, average,
-    normalise again (open_clip's ``build_zero_shot_classifier``); the ×100 is the head's scale."""
-    from open_clip.zero_shot_classifier import build_zero_shot_classifier
-
-    names = [n.split(":")[-1].replace("_", " ") for n in class_names]
-    dev = next(clip_model.parameters()).device
-    w = build_zero_shot_classifier(clip_model, tokenizer, names, template_list(templates), device=dev)
-    return w.T.float().cpu()
 
 
 # --------------------------------------------------------------------------- encoders θ0
@@ -767,111 +662,3 @@ def majority_reference(scenario: Scenario) -> list[float]:
         labels = scenario.joint("test", upto=t).labels
         out.append(float(torch.bincount(labels).max()) / max(1, len(labels)))
     return out
-
-
-# --------------------------------------------------------------------------- figures (compute)
-def two_task_states(scenario: Scenario, profile: str, seed: int, linear: bool = True, **overrides) -> dict:
-    """The states behind the paper's Figs. 1, 2, 4, 5 (authors' debug scripts, note §5.2), from the
-    ``cmm`` (linear) or ``cmm-no-linear`` (standard) run: ``prev`` = model after task 1 with its
-    importance ``prev_F``; ``new`` = fine-tuned on task 2 from it, with ``new_F``; ``merged`` and
-    ``corrected`` = after the merge, before and after the correction. Computed (two tasks, resumed
-    from the task-1 checkpoint) if the run did not save them."""
-    method = "cmm" if linear else "cmm-no-linear"
-    cfg, *_, identity = _run_parts(method, scenario, profile, seed, None, overrides)
-    path = _debug_path(identity, cfg)
-    if not path.exists():
-        run_cmm_method(method, scenario, profile, seed, debug=True, stop_after=2, **overrides)
-    state = load_state(path)
-    return {k: strip_prefix(state, k + ".") for k in ("prev", "prev_F", "new", "new_F", "merged", "corrected")}
-
-
-def _probe(task: Task, n: int) -> LabeledImages:
-    return task.train.subset(np.arange(min(n, len(task.train))))
-
-
-@torch.no_grad()
-def interpolation_curves(scenario: Scenario, profile: str, seed: int, grid: Sequence[float],
-                         images: int = 256, **overrides) -> pd.DataFrame:
-    """Accuracy and loss along the paths between the task-1 model θ1 and the task-2 model θ2
-    (fine-tuned from θ1), as the authors' debug scripts: plain ``(1−α)θ1 + αθ2`` and the
-    importance-weighted path, for linearised and standard fine-tuning; each point evaluated on the
-    first ``images`` training images of task 1 and of task 2 with that task's local head (CE and
-    accuracy). Columns: training, path, alpha, task, accuracy, loss."""
-    rows = []
-    for linear in (True, False):
-        st = two_task_states(scenario, profile, seed, linear=linear, **overrides)
-        cfg, encoder0, clip, _ = _run_parts("cmm" if linear else "cmm-no-linear", scenario, profile, seed, None, overrides)
-        head_fn = head_weights_fn(cfg, encoder0, clip, scenario)
-        enc = make_encoder(encoder0, linear).to(device())
-        head = CosineHead(scenario.num_classes, encoder_dim(encoder0), cfg.logit_scale).to(device())
-        tasks = scenario.tasks[:2]
-        for task in tasks:
-            head.set_rows(task.classes, head_fn(task))
-        net = CMMNet(enc, head)
-        probes = [_probe(task, images) for task in tasks]
-        for path in ("plain", "importance"):
-            for a in grid:
-                theta = (mg.linear_interpolation(st["prev"], st["new"], a) if path == "plain" else
-                         mg.importance_weighted(st["prev"], st["prev_F"], st["new"], st["new_F"], a)[0])
-                set_state(enc, theta)
-                for i, (task, probe) in enumerate(zip(tasks, probes)):
-                    logits = predict(net, probe)[:, list(task.classes)]
-                    local = torch.tensor([list(task.classes).index(int(c)) for c in probe.labels])
-                    rows.append({"training": "linearised" if linear else "standard", "path": path, "alpha": float(a),
-                                 "task": f"task {i + 1}", "accuracy": float((logits.argmax(1) == local).float().mean()),
-                                 "loss": float(F.cross_entropy(logits, local))})
-    return pd.DataFrame(rows)
-
-
-@torch.no_grad()
-def tsne_embedding(scenario: Scenario, profile: str, seed: int, images: int = 150, task: int = 1,
-                   **overrides) -> dict[str, np.ndarray]:
-    """Features of one class (the most frequent of task ``task``'s training probe, task 2 by default:
-    the data the correction sees) under the previous model, the merged model before correction and
-    after it; one ``sklearn.manifold.TSNE(random_state=seed)`` fit on the concatenation (the
-    authors fit one t-SNE on all three). Returns ``xy``, ``model`` (prev/merged/corrected), ``cls``."""
-    from sklearn.manifold import TSNE
-
-    st = two_task_states(scenario, profile, seed, linear=True, **overrides)
-    cfg, encoder0, *_ = _run_parts("cmm", scenario, profile, seed, None, overrides)
-    t = scenario.tasks[task]
-    labels = t.train.labels
-    cls = int(torch.bincount(labels).argmax())
-    idx = np.flatnonzero(labels.numpy() == cls)[:images]
-    probe = t.train.subset(idx)
-    enc = make_encoder(encoder0, True).to(device())
-    feats, names = [], []
-    for name in ("prev", "merged", "corrected"):
-        set_state(enc, st[name])
-        feats.append(predict(enc, probe).numpy())
-        names += [name] * len(idx)
-    X = np.concatenate(feats)
-    xy = TSNE(n_components=2, random_state=seed, perplexity=float(min(30, max(2, len(X) // 4))),
-              init="pca").fit_transform(X)
-    return {"xy": xy, "model": np.array(names), "cls": np.array(cls),
-            "class_name": np.array(scenario.class_names[cls])}
-
-
-@torch.no_grad()
-def linearization_check(encoder0: nn.Module, x: torch.Tensor, eps: float = 1e-3, seed: int = 0) -> dict[str, float]:
-    """Numerical checks of the linearisation on a batch ``x`` (the unit tests' properties):
-    ``at_theta0`` = max |f_lin(x;θ0) − f(x;θ0)|; ``affine`` = max deviation of f_lin(θ0 + aΔ) from
-    the line through a = 0 and a = 1, over a ∈ {−1, 0.5, 2} (0 up to rounding: f_lin is affine in θ);
-    ``fd_rel`` = ‖(f(θ0+εΔ) − f(θ0))/ε − JΔ‖ / ‖JΔ‖ (first-order agreement with the network)."""
-    gen = torch.Generator().manual_seed(seed)
-    lin = LinearizedModel(encoder0).eval()
-    f0 = lin.function_at()
-    theta0 = lin.theta0()
-    delta = {k: torch.randn(v.shape, generator=gen) * (v.std() if v.numel() > 1 else 1.0) * 0.05 for k, v in theta0.items()}
-
-    def flin(a: float) -> torch.Tensor:
-        lin.load_theta({k: theta0[k] + a * delta[k] for k in theta0})
-        return lin(x)
-
-    base, one = flin(0.0), flin(1.0)
-    affine = max(float((flin(a) - (base + a * (one - base))).abs().max()) for a in (-1.0, 0.5, 2.0))
-    jd = one - base
-    fe = lin.function_at({k: theta0[k] + eps * delta[k] for k in theta0})
-    fd = (fe(x) - f0(x)) / eps
-    return {"at_theta0": float((base - f0(x)).abs().max()), "affine": affine,
-            "affine_scale": float(jd.abs().max()), "fd_rel": float((fd - jd).norm() / jd.norm())}

@@ -49,26 +49,43 @@ Deliberate deviations from the authors' code (each said again where it happens):
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .adapters import AdapterNet, min_others_scores
 from .benchmarks import BACKBONE, BENCHMARKS, CLASS_ORDER_SEED, SMOKE_MAX_PER_SPLIT, load_benchmark
-from .continual import ContinualResult, cached_run, evaluate_seen_tasks, gflops_per_image, seen_mask, state_bytes
-from .data import LabeledImages, Scenario, Task, class_incremental, load_dataset, make_split
+from .continual import ContinualResult, cached_run, gflops_per_image, state_bytes
+from .data import LabeledImages, Scenario, Task, class_incremental, load_dataset
+from .dynammo_baselines import ExpandableNet, single_model_runs
+from .dynammo_common import (Memory, concat, epoch_config, evaluate, features_with_flips, fit_on_features, herding,
+                             label_lookup, subsample)
+from .dynammo_costs import adapter_parameters, cost_table, inference_ms
 from .io import cache_root, config_key, load_meta, load_state, save_state, strip_prefix, with_prefix
-from .models import BOOK_IMAGE_SIZE, Classifier, book_backbone
+from .models import BOOK_IMAGE_SIZE, book_backbone
 from .profiles import check_profile
-from .train import FitConfig, device, fit, lr_factor, make_optimizer, predict, seed_everything
+from .train import FitConfig, device, fit, seed_everything
+
+__all__ = [
+    # defined here: scenarios, profiles, the two stages, DynaMMo/ACL, entry points
+    "CHAPTER", "MEMORY_PER_CLASS", "METHODS", "METHOD_LABELS", "PAPER", "PROFILES", "RUN_KEYS", "SCENARIOS",
+    "SMOKE_PATH_CAP", "STAGE1_KEYS", "VERSION", "Stage1State", "adapter_method", "adapter_spread",
+    "adapter_stage1", "cached_dynammo_run", "check_method", "grouped_scenario", "load_scenario", "memory_budget",
+    "pycil_class_order", "run_config", "run_dynammo_method", "stage2_schedule", "train_stage1", "train_stage2",
+    # re-exported from cmm_utils.dynammo_common (memory, training on features, evaluation)
+    "Memory", "concat", "epoch_config", "evaluate", "features_with_flips", "fit_on_features", "herding",
+    "label_lookup", "subsample",
+    # re-exported from cmm_utils.dynammo_baselines (DER, fine-tuning, joint training)
+    "ExpandableNet", "single_model_runs",
+    # re-exported from cmm_utils.dynammo_costs (cost as T grows)
+    "adapter_parameters", "cost_table", "inference_ms",
+]
 
 CHAPTER = "dynammo"
 METHODS = ("dynammo", "acl", "der", "finetune", "joint")
@@ -211,153 +228,12 @@ def check_method(method: str) -> str:
     return method
 
 
-def epoch_config(epochs: int, lr: float, milestones: Sequence[int], n: int, batch_size: int, *,
-                 optimizer: str = "sgd", weight_decay: float = 0.0, max_steps: int | None = None,
-                 augment: bool = True) -> FitConfig:
-    """A :class:`FitConfig` whose MultiStep milestones, given in epochs as in the authors' YAMLs,
-    are converted to optimiser steps for ``n`` training samples."""
-    per_epoch = max(1, math.ceil(n / batch_size))
-    return FitConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
-                     weight_decay=weight_decay, schedule="multistep" if milestones else "constant",
-                     milestones=tuple(m * per_epoch for m in milestones), augment=augment, max_steps=max_steps)
-
-
 def stage2_schedule(settings: Mapping, scenario_name: str) -> tuple[int, list[int]]:
     """Stage-2 epochs and milestones; CIFAR100 has its own (50 epochs, [15, 35])."""
     if scenario_name == "cifar100" and settings.get("stage2_cifar100"):
         epochs, milestones = settings["stage2_cifar100"]
         return int(epochs), list(milestones)
     return int(settings["stage2_epochs"]), list(settings["stage2_milestones"])
-
-
-def subsample(data: LabeledImages, max_n: int | None, seed: int) -> LabeledImages:
-    """At most ``max_n`` training images, a seeded class-stratified subset that keeps the class
-    proportions (the ``cpu`` profile's time budget); ``None`` keeps everything."""
-    if max_n is None or len(data) <= max_n:
-        return data
-    _, held = make_split(data.labels.numpy(), max_n / len(data), seed)
-    return data.subset(np.sort(held))
-
-
-def concat(parts: Sequence[LabeledImages]) -> LabeledImages:
-    parts = [p for p in parts if len(p)]
-    if not parts:
-        raise ValueError("nothing to concatenate")
-    return LabeledImages(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
-
-
-# ------------------------------------------------------------------------------------- memory
-def herding(features: torch.Tensor, m: int) -> torch.Tensor:
-    """iCaRL herding (Rebuffi et al., CVPR 2017, Alg. 4), as DynaMMo's ``replayBank`` L403-423:
-    on L2-normalised features, greedily pick (without replacement) the sample that keeps the mean of
-    the picked ones closest to the class mean (the mean itself is not re-normalised).
-    Returns indices in selection order; ``m`` larger than the class gives every sample."""
-    f = F.normalize(features.double(), dim=1)
-    mu = f.mean(0)
-    chosen: list[int] = []
-    running = torch.zeros_like(mu)
-    available = torch.ones(len(f), dtype=torch.bool)
-    for k in range(1, min(m, len(f)) + 1):
-        dist = ((mu - (running + f) / k) ** 2).sum(1)
-        dist[~available] = float("inf")
-        i = int(dist.argmin())
-        chosen.append(i)
-        available[i] = False
-        running += f[i]
-    return torch.tensor(chosen, dtype=torch.long)
-
-
-@dataclass
-class Memory:
-    """Exemplars per class in herding order, under a fixed total ``budget`` split evenly over the
-    seen classes (``per_class = budget // seen``; DynaMMo's ``fixed_memory: false``)."""
-    budget: int
-    classes: dict[int, LabeledImages] = field(default_factory=dict)
-
-    def per_class(self, n_seen: int) -> int:
-        return self.budget // max(1, n_seen)
-
-    def update(self, feature_fn: Callable[[torch.Tensor], torch.Tensor], data: LabeledImages,
-               new_classes: Sequence[int]) -> None:
-        """Truncate old classes to the new quota, then herd the quota of each new class."""
-        m = self.per_class(len(self.classes) + len(new_classes))
-        self.classes = {c: ex.subset(np.arange(min(m, len(ex)))) for c, ex in self.classes.items()}
-        for c in new_classes:
-            part = data.subset(np.flatnonzero(data.labels.numpy() == c))
-            if len(part) == 0 or m == 0:
-                self.classes[c] = part.subset(np.arange(0))
-                continue
-            pick = herding(predict(feature_fn, part), m)
-            self.classes[c] = part.subset(pick.numpy())
-
-    def data(self) -> LabeledImages:
-        parts = [self.classes[c] for c in sorted(self.classes)]
-        if not parts or not sum(len(p) for p in parts):
-            first = next(iter(self.classes.values()), None)
-            shape = (0,) + tuple(first.images.shape[1:]) if first is not None else (0, 3, 1, 1)
-            return LabeledImages(torch.zeros(shape, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
-        return concat(parts)
-
-    def state(self) -> dict[str, torch.Tensor]:
-        d = self.data()
-        return {"memory_images": d.images, "memory_labels": d.labels}
-
-    @classmethod
-    def from_state(cls, budget: int, state: Mapping[str, torch.Tensor]) -> "Memory":
-        images, labels = state["memory_images"], state["memory_labels"]
-        out = cls(budget)
-        for c in torch.unique(labels).tolist():
-            idx = torch.nonzero(labels == c).flatten()
-            out.classes[int(c)] = LabeledImages(images[idx], labels[idx])
-        return out
-
-
-# ----------------------------------------------------------------------- training on features
-def label_lookup(classes: Sequence[int], num_classes: int) -> torch.Tensor:
-    """Global label -> local index in ``classes``, or ``len(classes)`` ("others") for the rest."""
-    lut = torch.full((num_classes,), len(classes), dtype=torch.long)
-    lut[list(classes)] = torch.arange(len(classes))
-    return lut
-
-
-def features_with_flips(feature_fn: Callable[[torch.Tensor], torch.Tensor], data: LabeledImages,
-                        augment: bool = True) -> torch.Tensor:
-    """``[2, N, d]``: features of the images and of their horizontal flips (``[1, N, d]`` without
-    augmentation). With a frozen extractor, picking one of the two per sample and step is exactly
-    training under random horizontal flips (the authors' train transform)."""
-    views = [predict(feature_fn, data)]
-    if augment:
-        views.append(predict(feature_fn, LabeledImages(data.images.flip(-1), data.labels)))
-    return torch.stack(views)
-
-
-def fit_on_features(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], params: Sequence[nn.Parameter],
-                    feats: torch.Tensor, labels: torch.Tensor, cfg: FitConfig, seed: int) -> list[float]:
-    """Minimise ``loss_fn(batch_feats [P, b, d], labels [b])`` over ``feats [P, V, N, d]`` (P feature
-    sources, V views: original and flipped), with the seeded order and the schedule of ``cfg``."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
-    n = feats.shape[2]
-    per_epoch = max(1, math.ceil(n / cfg.batch_size))
-    total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.schedule, 0, cfg.milestones))
-    losses, step = [], 0
-    for _ in range(cfg.epochs):
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n, cfg.batch_size):
-            if step >= total:
-                break
-            idx = order[start:start + cfg.batch_size]
-            view = (torch.rand(len(idx), generator=gen) < 0.5).long() if feats.shape[1] > 1 \
-                else torch.zeros(len(idx), dtype=torch.long)
-            loss = loss_fn(feats[:, view, idx], labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            step += 1
-    return losses
 
 
 # ---------------------------------------------------------------------------- DynaMMo stages
@@ -477,20 +353,6 @@ def adapter_stage1(scenario: Scenario, backbone: nn.Module, settings: Mapping, s
     return state
 
 
-def evaluate(logits_fn: Callable[[torch.Tensor], torch.Tensor], scenario: Scenario, t: int) -> tuple[list, float, float, float]:
-    """The pinned row ``R[t, :]``, pooled accuracy and mean class recall over the seen classes
-    (:func:`~cmm_utils.continual.evaluate_seen_tasks`), plus, from the same predictions, the task
-    accuracy: how often the predicted class belongs to the right task (for DynaMMo and ACL, how often
-    the min-others rule routes an image to its own task's head)."""
-    score = evaluate_seen_tasks(logits_fn, scenario, t)
-    task_of = torch.zeros(scenario.num_classes, dtype=torch.long)
-    for i, task in enumerate(scenario.tasks):
-        task_of[list(task.classes)] = i
-    task_acc = (float((task_of[score.predicted] == task_of[score.labels]).float().mean())
-                if len(score.labels) else float("nan"))
-    return score.row, score.accuracy, score.mean_class_recall, task_acc
-
-
 def adapter_spread(adapters: Sequence[Mapping[str, torch.Tensor]]) -> float:
     """``mean_t ‖θ_t − θ̄‖ / ‖θ̄‖`` over the adapters' learnable weights (BatchNorm statistics and
     counters left out), ``θ̄`` their average: how far the merged adapter is from the task adapters it
@@ -548,174 +410,6 @@ def adapter_method(method: str, scenario: Scenario, backbone: nn.Module, stage1:
                                   "params_per_task": params, "seconds_per_task": seconds,
                                   "memory_size": len(stage1.memories[-1]), "adapter_spread": spread,
                                   "alpha": [[float(a.alpha.detach()) for a in ad] for ad in net.adapters]})
-
-
-# ------------------------------------------------------------------------ DER and single models
-class ExpandableNet(nn.Module):
-    """DER's expandable representation (Yan et al., "DER: Dynamically Expandable Representation for
-    Class Incremental Learning", CVPR 2021), without the pruning mask, as the ACL/DynaMMo repository's
-    ``DERNet``: one backbone per task (the new one a copy of the previous, the old ones frozen),
-    features concatenated, one classifier over all classes, and an auxiliary head over the task's
-    classes + one "old" output. Logits cover all ``num_classes`` global classes; callers mask unseen ones."""
-
-    def __init__(self, backbone: nn.Module, num_classes: int):
-        super().__init__()
-        self.template = [backbone]            # a list keeps it out of the module tree
-        self.num_classes = num_classes
-        self.num_features = backbone.num_features
-        self.backbones = nn.ModuleList()
-        self.fc: nn.Linear | None = None
-        self.aux: nn.Linear | None = None
-
-    def add_task(self, n_new: int) -> None:
-        for b in self.backbones:
-            b.requires_grad_(False)
-        source = self.backbones[-1] if len(self.backbones) else self.template[0]
-        dev = next(source.parameters()).device
-        self.backbones.append(copy.deepcopy(source).requires_grad_(True).to(dev))
-        d, T = self.num_features, len(self.backbones)
-        fc = nn.Linear(d * T, self.num_classes).to(dev)
-        if self.fc is not None and dev.type != "meta":
-            with torch.no_grad():
-                fc.weight[:, : d * (T - 1)] = self.fc.weight
-                fc.bias.copy_(self.fc.bias)
-        self.fc, self.aux = fc, nn.Linear(d, n_new + 1).to(dev)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([b(x) for b in self.backbones], dim=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
-
-    def inference_parameters(self) -> int:
-        return sum(p.numel() for p in self.backbones.parameters()) + sum(p.numel() for p in self.fc.parameters())
-
-
-def _masked(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return logits.masked_fill(~mask.to(logits.device), float("-inf"))
-
-
-def _der_train_mode(net: ExpandableNet) -> None:
-    net.eval()
-    net.backbones[-1].train()
-
-
-def single_model_runs(method: str, scenario: Scenario, backbone: nn.Module, settings: Mapping, seed: int,
-                      budget: int, scenario_name: str = "", checkpoint_dir: Path | None = None) -> ContinualResult:
-    """DER, fine-tuning or joint training, evaluated after each task under the pinned protocol.
-
-    - ``finetune``: one model trained on each task's data in turn, CE over the classes seen so far.
-    - ``joint``: after task ``t`` a fresh model trained on all training data of tasks ``0..t``.
-    - ``der``: :class:`ExpandableNet`; per task, the new backbone, the classifier and the auxiliary
-      head trained on the task's data + memory (``CE(fc) + CE(aux)``), memory updated by herding on the
-      concatenated features, then (``t > 0``) the classifier reset and re-trained on the balanced memory
-      with logits divided by ``der_temperature`` (the authors' ``dynamic_er`` stage 2).
-
-    With ``checkpoint_dir``, the state after each task is saved (latest only) and a rerun resumes;
-    the checkpoint is removed once the run is complete (its result is cached by the caller).
-    """
-    dev = device()
-    C = scenario.num_classes
-    cap = settings["max_train_per_task"]
-    net: nn.Module
-    net = ExpandableNet(copy.deepcopy(backbone).to(dev), C) if method == "der" else \
-        Classifier(copy.deepcopy(backbone), C).to(dev)
-    memory = Memory(budget)
-    R, acc_seen, mcr, task_acc, gflops, params, seconds = [], [], [], [], [], [], []
-    start = 0
-    if checkpoint_dir is not None:
-        done = sorted(checkpoint_dir.glob(f"{method}-task*.safetensors"), key=lambda p: int(p.stem.split("task")[1]))
-        if done:
-            meta = load_meta(done[-1])
-            ck = load_state(done[-1])
-            if method == "der":
-                for t in range(meta["tasks"]):
-                    net.add_task(len(scenario.tasks[t].classes))
-                net.backbones[-1].requires_grad_(False)
-                memory = Memory.from_state(budget, ck)
-            model_state = {k[6:]: v for k, v in ck.items() if k.startswith("model.")}
-            net.load_state_dict(model_state)
-            R, acc_seen, mcr, task_acc = meta["R"], meta["acc_seen"], meta["mcr"], meta["task_acc"]
-            gflops, params, seconds = meta["gflops"], meta["params"], meta["seconds"]
-            start = meta["tasks"]
-    for t in range(start, len(scenario.tasks)):
-        task = scenario.tasks[t]
-        t0 = time.time()
-        torch.manual_seed(seed * 1000 + t)
-        mask = seen_mask(scenario, t)
-        current = subsample(task.train, cap, seed * 1000 + t)
-        if method == "joint":
-            net = Classifier(copy.deepcopy(backbone), C).to(dev)
-            train = concat([subsample(s.train, cap, seed * 1000 + i) for i, s in enumerate(scenario.tasks[:t + 1])])
-        else:
-            train = current
-        if method == "der":
-            net.add_task(len(task.classes))
-            train = concat([current, memory.data()])
-            lut = label_lookup(task.classes, C)
-            cfg = epoch_config(settings["der_epochs"], settings["der_lr"], settings["der_milestones"], len(train),
-                               settings["batch_size"], optimizer="sgd", weight_decay=settings["stage1_weight_decay"],
-                               max_steps=settings["train_steps"])
-
-            def loss_fn(model, x, y, mask=mask, lut=lut):
-                f = model.features(x)
-                new = f[:, -model.num_features:]
-                return F.cross_entropy(_masked(model.fc(f), mask), y) + \
-                    F.cross_entropy(model.aux(new), lut.to(y.device)[y])
-
-            params_ = [p for p in net.parameters() if p.requires_grad]
-            fit(net, train, cfg, seed=seed * 1000 + t, params=params_, loss_fn=loss_fn, train_mode=_der_train_mode,
-                desc=f"DER, task {t + 1}")
-            net.eval()
-            memory.update(net.features, current, task.classes)
-            if t > 0:
-                balanced = memory.data()
-                with torch.no_grad():
-                    feats = features_with_flips(net.features, balanced)[None]
-                net.fc = nn.Linear(net.fc.in_features, C).to(dev)
-                temp = settings["der_temperature"]
-                cfg2 = epoch_config(settings["der_ft_epochs"], settings["der_ft_lr"], settings["der_ft_milestones"],
-                                    len(balanced), settings["batch_size"], optimizer="sgd",
-                                    max_steps=settings["head_steps"])
-                fit_on_features(lambda f, y: F.cross_entropy(_masked(net.fc(f[0].to(dev)) / temp, mask), y.to(dev)),
-                                list(net.fc.parameters()), feats, balanced.labels, cfg2, seed * 1000 + 500 + t)
-            for b in net.backbones:
-                b.requires_grad_(False)
-        else:
-            cfg = epoch_config(settings["baseline_epochs"], settings["baseline_lr"], settings["baseline_milestones"],
-                               len(train), settings["batch_size"], optimizer="sgd",
-                               weight_decay=settings["stage1_weight_decay"], max_steps=settings["train_steps"])
-            fit(net, train, cfg, seed=seed * 1000 + t,
-                loss_fn=lambda model, x, y, mask=mask: F.cross_entropy(_masked(model(x), mask), y),
-                desc=f"{method}, task {t + 1}")
-        seconds.append(time.time() - t0)
-        net.eval()
-        row, acc, rec, tacc = evaluate(net, scenario, t)
-        R.append(row), acc_seen.append(acc), mcr.append(rec), task_acc.append(tacc)
-        gflops.append(gflops_per_image(net, task.test.images.shape[-1]))
-        params.append(net.inference_parameters() if method == "der" else sum(p.numel() for p in net.parameters()))
-        if checkpoint_dir is not None:
-            tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
-            if method == "der":
-                tensors.update(memory.state())
-            path = checkpoint_dir / f"{method}-task{t}.safetensors"
-            save_state(path, tensors, {"tasks": t + 1, "R": R, "acc_seen": acc_seen, "mcr": mcr, "task_acc": task_acc,
-                                       "gflops": gflops, "params": params, "seconds": seconds})
-            for old in checkpoint_dir.glob(f"{method}-task*.safetensors"):
-                if old != path:
-                    old.unlink(missing_ok=True)
-                    old.with_suffix(".json").unlink(missing_ok=True)
-    if checkpoint_dir is not None:  # finished: the caller caches the result; the weights are not needed again
-        for old in checkpoint_dir.glob(f"{method}-task*.*"):
-            old.unlink(missing_ok=True)
-    kept = [net.state_dict()] + ([memory.data().images] if method == "der" else [])
-    if method == "joint":
-        kept.append(scenario.joint("train").images)
-    return ContinualResult(method, R, acc_seen, bytes_stored=state_bytes(*kept), gflops=gflops[-1],
-                           train_seconds=float(sum(seconds)),
-                           extra={"mcr_seen": mcr, "task_acc_seen": task_acc, "gflops_per_task": gflops,
-                                  "params_per_task": params, "seconds_per_task": seconds,
-                                  "memory_size": len(memory.data()) if method == "der" else 0})
 
 
 # --------------------------------------------------------------------------------- entry points
@@ -779,81 +473,3 @@ def cached_dynammo_run(method: str, benchmark: str, profile: str, seed: int, set
         return run_dynammo_method(method, sc, profile, seed, settings, benchmark=benchmark, n_tasks=n_tasks)
 
     return cached_run(profile, CHAPTER, config, run)
-
-
-# ------------------------------------------------------------------------------ cost as T grows
-def inference_ms(model: nn.Module, image_size: int, batch_size: int = 64, repeats: int = 5) -> float:
-    """Median CPU wall time per image (ms) of ``model`` on a random batch, after one warm-up."""
-    model = model.cpu().eval()
-    x = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    times = []
-    with torch.no_grad():
-        model(x)
-        for _ in range(max(1, repeats)):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return 1000.0 * float(np.median(times)) / batch_size
-
-
-def _growing_models(backbone: nn.Module, classes_per_task: int, max_tasks: int, dev: str):
-    """Yield ``(T, {method: model})`` for ``T = 1..max_tasks``, each model grown by one task per step."""
-    backbone = copy.deepcopy(backbone).to(dev).eval()
-    adapter_net = AdapterNet(copy.deepcopy(backbone)).eval()
-    der = ExpandableNet(copy.deepcopy(backbone), classes_per_task * max_tasks).eval()
-    single = Classifier(copy.deepcopy(backbone), classes_per_task * max_tasks).to(dev).eval()
-    for T in range(1, max_tasks + 1):
-        adapter_net.add_task(classes_per_task)
-        der.add_task(classes_per_task)
-        yield T, {"dynammo": adapter_net, "acl": adapter_net, "der": der, "finetune": single}
-
-
-def _inference_params(method: str, model: nn.Module) -> int:
-    if method in ("dynammo", "acl"):
-        model.inference = "merged" if method == "dynammo" else "paths"
-    return model.inference_parameters() if hasattr(model, "inference_parameters") \
-        else sum(p.numel() for p in model.parameters())
-
-
-def cost_table(backbone: nn.Module, image_size: int, max_tasks: int = 10, classes_per_task: int = 2,
-               timing_tasks: Sequence[int] = (), timing_repeats: int = 3, timing_batch: int = 64,
-               tasks: Sequence[int] | None = None) -> pd.DataFrame:
-    """Inference cost of every method with ``T`` tasks, ``T`` in ``tasks`` (default ``1..max_tasks``):
-    GFLOPs per image counted by ``torch.utils.flop_counter`` (:func:`gflops_per_image`), parameters
-    an inference pass uses, and for ``T`` in ``timing_tasks`` the measured CPU ms per image.
-
-    Weights are irrelevant, so untrained modules of the right shapes are counted; fine-tuning and joint
-    training share the single-model row (``finetune``). FLOPs are counted on PyTorch's ``meta`` device
-    (shapes only, no memory, no arithmetic; the counter gives the same count as on the CPU), so even the
-    224 px table is quick; only the timed models are real."""
-    tasks = sorted(tasks) if tasks is not None else list(range(1, max_tasks + 1))
-    rows = []
-    for T, models in _growing_models(backbone, classes_per_task, max(tasks), "meta"):
-        if T in tasks:
-            for method, model in models.items():
-                n_params = _inference_params(method, model)
-                rows.append({"method": method, "tasks": T, "image_size": image_size,
-                             "gflops": gflops_per_image(model, image_size), "params_m": n_params / 1e6,
-                             "ms_per_image": float("nan")})
-    table = pd.DataFrame(rows)
-    if timing_tasks:
-        for T, models in _growing_models(backbone, classes_per_task, max(timing_tasks), "cpu"):
-            if T in timing_tasks:
-                for method, model in models.items():
-                    _inference_params(method, model)
-                    ms = inference_ms(model, image_size, timing_batch, timing_repeats)
-                    hit = (table["method"] == method) & (table["tasks"] == T)
-                    if hit.any():
-                        table.loc[hit, "ms_per_image"] = ms
-                    else:
-                        table.loc[len(table)] = {"method": method, "tasks": T, "image_size": image_size,
-                                                 "gflops": float("nan"), "params_m": float("nan"), "ms_per_image": ms}
-    return table
-
-
-def adapter_parameters(backbone: nn.Module) -> dict[str, int]:
-    """Parameters of one adapter set and of the backbone (the note: 1,625,092 per task on ResNet-18)."""
-    net = AdapterNet(copy.deepcopy(backbone))
-    net.add_task(1)
-    return {"backbone": sum(p.numel() for p in backbone.parameters()),
-            "adapters_per_task": sum(p.numel() for p in net.adapters[0].parameters())}

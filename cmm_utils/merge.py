@@ -48,12 +48,14 @@ References
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Union
 
 import torch
 from torch import Tensor
+
+from . import merge_streaming as ms
+from .merge_streaming import StateDict
 
 __all__ = [
     "METHODS",
@@ -71,231 +73,10 @@ __all__ = [
     "ties",
 ]
 
-StateDict = Mapping[str, Tensor]
 TwoPassSource = Union[Sequence[StateDict], Callable[[], Iterable[StateDict]]]
 
-# The selection and CMM kernels run their 3-5 elementwise ops chunk by chunk. A
-# chunk that stays in L2 is read from DRAM once rather than once per op.
-# With 2**16 elements per intra-op thread (256 KB per float32 operand), chunks fit
-# the 1 MB L2 per core of the benchmark machine. Chunks from 2**15 to 2**18
-# timed the same there; whole tensors were about 1.5x slower (benchmarks/README.md).
-_CHUNK_PER_THREAD = 1 << 16
-# Tensors smaller than this are packed together (see _Layout). The threshold is
-# fixed, not thread-dependent, so that random_select's draws do not depend on the
-# thread count: the generator is consumed element by element in layout order.
-_PACK_BELOW = 1 << 17
-
-
-def _chunk() -> int:
-    return _CHUNK_PER_THREAD * max(1, torch.get_num_threads())
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _is_float(t: Tensor) -> bool:
-    return t.is_floating_point()
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 stays float64, every other float type uses float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _owned(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """Return a fresh contiguous copy of ``t`` (optionally cast), never an alias."""
-    out = torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
-    return out.copy_(t)
-
-
-def _spec(sd: StateDict, what: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    if not isinstance(sd, Mapping):
-        raise TypeError(f"{what} must be a mapping str -> Tensor, got {type(sd).__name__}")
-    spec = {}
-    for k, v in sd.items():
-        if not isinstance(v, Tensor):
-            raise TypeError(f"{what}[{k!r}] is a {type(v).__name__}, not a Tensor")
-        spec[k] = (tuple(v.shape), v.dtype)
-    return spec
-
-
-def _check(sd: StateDict, spec: Mapping, what: str, ref: str) -> None:
-    """Raise ValueError naming the first key of ``sd`` that does not match ``spec``."""
-    got = _spec(sd, what)
-    for k, (shape, dtype) in spec.items():
-        if k not in got:
-            raise ValueError(f"key {k!r}: expected (present in {ref}) but missing from {what}")
-        g_shape, g_dtype = got[k]
-        if g_shape != shape:
-            raise ValueError(f"key {k!r}: expected shape {shape} (as in {ref}), found {g_shape} in {what}")
-        if g_dtype != dtype:
-            raise ValueError(f"key {k!r}: expected dtype {dtype} (as in {ref}), found {g_dtype} in {what}")
-    for k in got:
-        if k not in spec:
-            raise ValueError(f"key {k!r}: found in {what} but not expected (absent from {ref})")
-
-
-def _validated(state_dicts: Iterable[StateDict], what: str = "task vector") -> Iterator[StateDict]:
-    """Yield the state dicts of an iterable, checking each against the first.
-
-    Only the first dict's key/shape/dtype spec is kept, never its tensors, and the
-    current dict is released before the next is requested, so the iterator itself
-    keeps at most one input alive.
-    """
-    it = iter(state_dicts)
-    try:
-        sd = next(it)
-    except StopIteration:
-        raise ValueError(f"expected at least one {what}, got an empty iterable") from None
-    spec = _spec(sd, f"{what} 1")
-    i = 1
-    while True:
-        yield sd
-        sd = None  # drop our reference before fetching the next one
-        try:
-            sd = next(it)
-        except StopIteration:
-            return
-        i += 1
-        _check(sd, spec, f"{what} {i}", f"{what} 1")
-
-
-def _float_keys(sd: StateDict) -> list[str]:
-    return [k for k, v in sd.items() if _is_float(v)]
-
-
-class _Scratch:
-    """Reusable chunk-sized buffers, one per (slot, dtype, device)."""
-
-    def __init__(self) -> None:
-        self._bufs: dict = {}
-        self._views: dict = {}  # slicing costs a dispatch: cache the views too
-
-    def get(self, slot: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        key = (slot, n, dtype, device)
-        view = self._views.get(key)
-        if view is None:
-            bkey = (slot, dtype, device)
-            buf = self._bufs.get(bkey)
-            if buf is None or buf.numel() < n:
-                buf = self._bufs[bkey] = torch.empty(n, dtype=dtype, device=device)
-                self._views = {k: v for k, v in self._views.items() if k[0] != slot or k[2:] != bkey[1:]}
-            view = self._views[key] = buf[:n]
-        return view
-
-    def cast(self, slot: int, x: Tensor, dtype: torch.dtype) -> Tensor:
-        """``x`` in ``dtype``: ``x`` itself if it already has it, else a scratch copy."""
-        return x if x.dtype == dtype else self.get(slot, x.numel(), dtype, x.device).copy_(x)
-
-
-class _Layout:
-    """Grouping of the floating keys of a state dict for the streaming kernels.
-
-    A kernel call costs a few microseconds, whatever the tensor size. Many small
-    tensors (biases, norms) therefore cost more in calls than in data: ResNet-18 has
-    88 float tensors under 2**17 elements, 2 % of its parameters. Tensors smaller
-    than ``_PACK_BELOW`` that share dtypes and device are packed into one flat buffer in
-    the running state, and the matching inputs are concatenated (``torch.cat``)
-    at each step, so one chunked kernel covers them all. Larger tensors are
-    processed on their own.
-    """
-
-    def __init__(self, keys: Sequence[str], refs: Sequence[StateDict]) -> None:
-        packed: dict[tuple, list[str]] = {}
-        single: list[list[str]] = []
-        for k in keys:
-            v = refs[0][k]
-            if v.numel() < _PACK_BELOW:
-                packed.setdefault(tuple(r[k].dtype for r in refs) + (v.device,), []).append(k)
-            else:
-                single.append([k])
-        self.groups = list(packed.values()) + single
-        self.shapes = {k: refs[0][k].shape for k in keys}
-
-    def own(self, sd: StateDict, dtypes: Mapping[str, torch.dtype]) -> list[Tensor]:
-        """Owned, contiguous flat copies of ``sd`` (one per group), cast to ``dtypes``."""
-        flats = []
-        for g in self.groups:
-            if len(g) == 1:
-                flats.append(_owned(sd[g[0]], dtypes[g[0]]).view(-1))
-            else:
-                flats.append(torch.cat([sd[k].reshape(-1) for k in g]).to(dtypes[g[0]]))
-        return flats
-
-    def flats(self, sd: StateDict) -> list[Tensor]:
-        """1-D views (single tensors) or concatenations (packed groups) of inputs."""
-        return [sd[g[0]].reshape(-1) if len(g) == 1 else torch.cat([sd[k].reshape(-1) for k in g]) for g in self.groups]
-
-    def unpack(self, flats: Sequence[Tensor], dtypes: Mapping[str, torch.dtype]) -> dict[str, Tensor]:
-        """Per-key tensors in ``dtypes``; packed keys are copied out so that no two
-        returned tensors share storage (``safetensors`` refuses shared storage)."""
-        out = {}
-        for g, flat in zip(self.groups, flats):
-            if len(g) == 1:
-                out[g[0]] = flat.view(self.shapes[g[0]]).to(dtypes[g[0]])
-            else:
-                parts = flat.split([math.prod(self.shapes[k]) for k in g])
-                for k, part in zip(g, parts):
-                    out[k] = part.view(self.shapes[k]).to(dtypes[k], copy=True)
-        return out
-
-
-class _Running:
-    """Running state of a streaming rule: one owned copy of the first state dict.
-
-    ``flats`` are the floating entries laid out by a :class:`_Layout` (in
-    ``state_dtype`` of each input dtype); non-floating entries are kept, cloned,
-    from the first state dict.
-    """
-
-    def __init__(self, sd: StateDict, state_dtype: Callable[[torch.dtype], torch.dtype]) -> None:
-        keys = _float_keys(sd)
-        self.order = list(sd)
-        self.dtypes = {k: sd[k].dtype for k in keys}
-        self.layout = _Layout(keys, [sd])
-        self.flats = self.layout.own(sd, {k: state_dtype(d) for k, d in self.dtypes.items()})
-        self.chunk = _chunk()
-        self.chunks = [f.split(self.chunk) for f in self.flats]  # views, made once for all steps
-        self.carried = {k: v.clone() for k, v in sd.items() if not _is_float(v)}
-
-    def update(self, sd: StateDict, step, t: int) -> None:
-        # A method, so that no view of ``sd`` outlives the call in a local variable.
-        for cur, new in zip(self.chunks, self.layout.flats(sd)):
-            step(cur, new.split(self.chunk), t)
-
-    def result(self) -> dict[str, Tensor]:
-        out = self.layout.unpack(self.flats, self.dtypes)
-        out.update(self.carried)
-        return {k: out[k] for k in self.order}
-
-
-def _keep(dtype: torch.dtype) -> torch.dtype:
-    return dtype
-
-
-def _stream(task_vectors: Iterable[StateDict], step, state_dtype=_keep) -> tuple[_Running, int]:
-    """Fold ``step(cur_chunks, new_chunks, t)`` over validated task vectors.
-
-    ``t`` is 1-based. ``cur_chunks`` are views of the running state,
-    ``new_chunks`` the matching views of the t-th vector, ``_chunk()`` elements each.
-    """
-    run = None
-    t = 0
-    for tv in _validated(task_vectors):
-        t += 1
-        if t == 1:
-            run = _Running(tv, state_dtype)
-        else:
-            run.update(tv, step, t)
-        del tv
-    return run, t
-
-
-def _check_alpha(alpha: float, lo: float = 0.0, hi: float = 1.0) -> float:
-    alpha = float(alpha)
-    if not lo <= alpha <= hi:
-        raise ValueError(f"alpha must be in [{lo}, {hi}], got {alpha}")
-    return alpha
+# The streaming and validation machinery (chunked constant-memory folds, key/shape/
+# dtype checks) lives in merge_streaming, imported as ``ms``.
 
 
 # ------------------------------------------------------------------- task vectors
@@ -308,8 +89,8 @@ def task_vector(finetuned: StateDict, base: StateDict) -> dict[str, Tensor]:
     Only floating keys are kept. The authors' ``TaskVector`` skips int64 and uint8
     keys; this function skips every non-floating key (bool and int32 included).
     """
-    _check(finetuned, _spec(base, "base"), "finetuned", "base")
-    return {k: torch.sub(finetuned[k], base[k]) for k in _float_keys(base)}
+    ms.check(finetuned, ms.spec_of(base, "base"), "finetuned", "base")
+    return {k: torch.sub(finetuned[k], base[k]) for k in ms.float_keys(base)}
 
 
 @torch.no_grad()
@@ -320,12 +101,12 @@ def apply(base: StateDict, task_vector: StateDict, scale: float = 1.0) -> dict[s
     shapes and dtypes. Non-floating entries are copied from ``base``. The sum is
     computed in the accumulation dtype and rounded once.
     """
-    spec = {k: v for k, v in _spec(base, "base").items() if v[1].is_floating_point}
-    _check(task_vector, spec, "task vector", "the floating keys of base")
+    spec = {k: v for k, v in ms.spec_of(base, "base").items() if v[1].is_floating_point}
+    ms.check(task_vector, spec, "task vector", "the floating keys of base")
     out = {}
     for k, v in base.items():
-        if _is_float(v):
-            acc = _acc_dtype(v.dtype)
+        if ms.is_float(v):
+            acc = ms.acc_dtype(v.dtype)
             out[k] = torch.add(v.to(acc), task_vector[k].to(acc), alpha=scale).to(v.dtype)
         else:
             out[k] = v.clone()
@@ -350,7 +131,7 @@ def average(task_vectors: Iterable[StateDict]) -> dict[str, Tensor]:
     sum is divided by T once at the end. The authors instead multiply by λ = 1/T in
     ``apply_to``, so results can differ in the last bit.
     """
-    run, n = _stream(task_vectors, _add_, _acc_dtype)
+    run, n = ms.stream(task_vectors, _add_, ms.acc_dtype)
     for cur in run.flats:
         cur.div_(n)
     return run.result()
@@ -364,7 +145,7 @@ def task_arithmetic(task_vectors: Iterable[StateDict], scale: float) -> dict[str
     separate task-arithmetic merge: its commented λ sweep over ``sum`` (λ ∈ (0, 2/T])
     is the same rule.
     """
-    run, _ = _stream(task_vectors, _add_, _acc_dtype)
+    run, _ = ms.stream(task_vectors, _add_, ms.acc_dtype)
     for cur in run.flats:
         cur.mul_(scale)
     return run.result()
@@ -390,7 +171,7 @@ def magmax(task_vectors: Iterable[StateDict]) -> dict[str, Tensor]:
     returns exactly ``start`` at weight 0 and exactly ``end`` at weight 1 on finite
     values.
     """
-    scratch = _Scratch()
+    scratch = ms.Scratch()
 
     def step(cur: Sequence[Tensor], new: Sequence[Tensor], t: int) -> None:
         for cc, nc in zip(cur, new):
@@ -399,7 +180,7 @@ def magmax(task_vectors: Iterable[StateDict]) -> dict[str, Tensor]:
             torch.ge(a, b, out=a)  # 1.0 where |new| >= |cur| (tie -> later task), else 0.0
             torch.lerp(cc, nc, a, out=cc)
 
-    return _stream(task_vectors, step)[0].result()
+    return ms.stream(task_vectors, step)[0].result()
 
 
 @torch.no_grad()
@@ -427,7 +208,7 @@ def random_select(task_vectors: Iterable[StateDict], seed: int) -> dict[str, Ten
     with λ = 1.
     """
     gen = torch.Generator().manual_seed(int(seed))
-    scratch = _Scratch()
+    scratch = ms.Scratch()
 
     def step(cur: Sequence[Tensor], new: Sequence[Tensor], t: int) -> None:
         for cc, nc in zip(cur, new):
@@ -437,7 +218,7 @@ def random_select(task_vectors: Iterable[StateDict], seed: int) -> dict[str, Ten
             pick = torch.eq(draw, 0, out=scratch.get(1, cc.numel(), cc.dtype, cc.device))  # P = 1/t
             torch.lerp(cc, nc, pick, out=cc)
 
-    return _stream(task_vectors, step)[0].result()
+    return ms.stream(task_vectors, step)[0].result()
 
 
 def _two_pass_source(task_vectors: TwoPassSource) -> Callable[[], Iterable[StateDict]]:
@@ -468,7 +249,7 @@ def _ties_thresholds(tv: StateDict, keys: list[str], density: float, scope: str)
 
 
 def _trimmed(v: Tensor, thr: float) -> Tensor:
-    v = v.to(_acc_dtype(v.dtype))
+    v = v.to(ms.acc_dtype(v.dtype))
     return v * (v.abs() >= thr)
 
 
@@ -522,13 +303,13 @@ def ties(task_vectors: TwoPassSource, density: float = 0.2, scope: str = "global
     out: dict[str, Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     spec = None
-    for tv in _validated(make()):
+    for tv in ms.validated(make()):
         if not thresholds:
-            spec = _spec(tv, "task vector 1")
-            keys = _float_keys(tv)
-            out = {k: v.clone() for k, v in tv.items() if not _is_float(v)}
+            spec = ms.spec_of(tv, "task vector 1")
+            keys = ms.float_keys(tv)
+            out = {k: v.clone() for k, v in tv.items() if not ms.is_float(v)}
             dtypes = {k: tv[k].dtype for k in keys}
-            ssum = {k: torch.zeros(tv[k].shape, dtype=_acc_dtype(tv[k].dtype), device=tv[k].device) for k in keys}
+            ssum = {k: torch.zeros(tv[k].shape, dtype=ms.acc_dtype(tv[k].dtype), device=tv[k].device) for k in keys}
         thr = _ties_thresholds(tv, keys, density, scope)
         thresholds.append(thr)
         for k in keys:
@@ -546,14 +327,14 @@ def ties(task_vectors: TwoPassSource, density: float = 0.2, scope: str = "global
         s.masked_fill_(s == 0, majority)
 
     # Pass 2: disjoint mean of the trimmed entries that agree with the elected sign.
-    total_sum = {k: torch.zeros_like(signs[k], dtype=_acc_dtype(dtypes[k])) for k in keys}
-    count = {k: torch.zeros_like(signs[k], dtype=_acc_dtype(dtypes[k])) for k in keys}
+    total_sum = {k: torch.zeros_like(signs[k], dtype=ms.acc_dtype(dtypes[k])) for k in keys}
+    count = {k: torch.zeros_like(signs[k], dtype=ms.acc_dtype(dtypes[k])) for k in keys}
     n = 0
     for tv in make():
         n += 1
         if n > len(thresholds):
             break
-        _check(tv, spec, f"task vector {n} (second pass)", "task vector 1")
+        ms.check(tv, spec, f"task vector {n} (second pass)", "task vector 1")
         for k in keys:
             trimmed = _trimmed(tv[k], thresholds[n - 1][k])
             keep = torch.where(signs[k] > 0, trimmed > 0, trimmed < 0)
@@ -573,38 +354,26 @@ def ties(task_vectors: TwoPassSource, density: float = 0.2, scope: str = "global
 # -------------------------------------------------------------------------- CMM
 
 
-def _check_importance(importance: StateDict, model_spec: Mapping, what: str) -> dict:
-    spec = _spec(importance, what)
-    for k, (shape, dtype) in spec.items():
-        if k not in model_spec or not model_spec[k][1].is_floating_point:
-            raise ValueError(f"key {k!r}: found in {what} but not a floating key of the model")
-        if shape != model_spec[k][0]:
-            raise ValueError(f"key {k!r}: expected shape {model_spec[k][0]} (the model's), found {shape} in {what}")
-        if not dtype.is_floating_point:
-            raise ValueError(f"key {k!r}: expected a floating dtype in {what}, found {dtype}")
-    return spec
-
-
 class _CMMState:
     """Running (θ, F) of the CMM fold, owned, in the accumulation dtype."""
 
     def __init__(self, model: StateDict, importance: StateDict) -> None:
-        fkeys = _float_keys(model)
+        fkeys = ms.float_keys(model)
         self.order, self.imp_order = list(model), list(importance)
         self.dtypes = {k: model[k].dtype for k in fkeys}
         self.imp_dtypes = {k: v.dtype for k, v in importance.items()}
-        compute = {k: torch.promote_types(_acc_dtype(model[k].dtype), _acc_dtype(f.dtype)) for k, f in importance.items()}
-        self.lay_imp = _Layout(list(importance), [model, importance])
+        compute = {k: torch.promote_types(ms.acc_dtype(model[k].dtype), ms.acc_dtype(f.dtype)) for k, f in importance.items()}
+        self.lay_imp = ms.Layout(list(importance), [model, importance])
         self.theta = self.lay_imp.own(model, compute)
         self.imp = self.lay_imp.own(importance, compute)
-        self.chunk = _chunk()
+        self.chunk = ms.chunk()
         self.theta_chunks = [f.split(self.chunk) for f in self.theta]
         self.imp_chunks = [f.split(self.chunk) for f in self.imp]
         rest = [k for k in fkeys if k not in importance]
-        self.lay_rest = _Layout(rest, [model])
-        self.rest = self.lay_rest.own(model, {k: _acc_dtype(self.dtypes[k]) for k in rest})
-        self.carried = {k: v.clone() for k, v in model.items() if not _is_float(v)}
-        self.scratch = _Scratch()
+        self.lay_rest = ms.Layout(rest, [model])
+        self.rest = self.lay_rest.own(model, {k: ms.acc_dtype(self.dtypes[k]) for k in rest})
+        self.carried = {k: v.clone() for k, v in model.items() if not ms.is_float(v)}
+        self.scratch = ms.Scratch()
 
     def step(self, model: StateDict, importance: StateDict, alpha: float) -> None:
         """One merge, in place. w = αF_t/((1−α)F + αF_t); θ ← lerp(θ, θ_t, w)."""
@@ -662,11 +431,11 @@ def importance_weighted(
     authors' code gives NaN. Here it falls back to plain interpolation
     (1−α)θ_prev + αθ_t. A NaN in F also lands in this fallback.
     """
-    alpha = _check_alpha(alpha)
-    mspec = _spec(prev, "prev")
-    _check(new, mspec, "new", "prev")
-    ispec = _check_importance(prev_importance, mspec, "prev_importance")
-    _check(new_importance, ispec, "new_importance", "prev_importance")
+    alpha = ms.check_alpha(alpha)
+    mspec = ms.spec_of(prev, "prev")
+    ms.check(new, mspec, "new", "prev")
+    ispec = ms.check_importance(prev_importance, mspec, "prev_importance")
+    ms.check(new_importance, ispec, "new_importance", "prev_importance")
     state = _CMMState(prev, prev_importance)
     state.step(new, new_importance, alpha)
     return state.result()
@@ -690,7 +459,7 @@ def continual_importance_merge(
     is slightly more accurate than rounding at every step, as the authors do. Same
     guard as :func:`importance_weighted`.
     """
-    alpha = _check_alpha(alpha)
+    alpha = ms.check_alpha(alpha)
     state = mspec = ispec = None
     n = 0
     for pair in models_and_importances:
@@ -700,12 +469,12 @@ def continual_importance_merge(
         except (TypeError, ValueError):
             raise TypeError(f"item {n} must be a (model, importance) pair") from None
         if n == 1:
-            mspec = _spec(model, "model 1")
-            ispec = _check_importance(importance, mspec, "importance 1")
+            mspec = ms.spec_of(model, "model 1")
+            ispec = ms.check_importance(importance, mspec, "importance 1")
             state = _CMMState(model, importance)
         else:
-            _check(model, mspec, f"model {n}", "model 1")
-            _check(importance, ispec, f"importance {n}", "importance 1")
+            ms.check(model, mspec, f"model {n}", "model 1")
+            ms.check(importance, ispec, f"importance {n}", "importance 1")
             state.step(model, importance, alpha)
         del pair, model, importance
     if n == 0:
@@ -723,11 +492,11 @@ def linear_interpolation(a: StateDict, b: StateDict, alpha: float) -> dict[str, 
     The result is exactly ``a`` at α = 0 and exactly ``b`` at α = 1. Non-floating
     entries are copied from ``a``.
     """
-    _check(b, _spec(a, "a"), "b", "a")
+    ms.check(b, ms.spec_of(a, "a"), "b", "a")
     out = {}
     for k, va in a.items():
-        if _is_float(va):
-            acc = _acc_dtype(va.dtype)
+        if ms.is_float(va):
+            acc = ms.acc_dtype(va.dtype)
             out[k] = torch.lerp(va.to(acc), b[k].to(acc), float(alpha)).to(va.dtype)
         else:
             out[k] = va.clone()
@@ -773,10 +542,10 @@ def average_adapters(adapter_state_dicts: Iterable[StateDict], bn_policy: str = 
     last: dict[str, Tensor] = {}
 
     def averaged(k: str, v: Tensor) -> bool:
-        return _is_float(v) and (bn_policy == "average" or not bn_statistic(k))
+        return ms.is_float(v) and (bn_policy == "average" or not bn_statistic(k))
 
     def split(stream: Iterable[StateDict]) -> Iterator[dict[str, Tensor]]:
-        for sd in _validated(stream, "adapter state dict"):
+        for sd in ms.validated(stream, "adapter state dict"):
             if not order:
                 order.extend(sd)
             last.clear()
@@ -787,7 +556,7 @@ def average_adapters(adapter_state_dicts: Iterable[StateDict], bn_policy: str = 
     out = average(split(adapter_state_dicts))
     for k, v in last.items():
         stat = bn_statistic(k)
-        if bn_policy == "reset" and stat and _is_float(v):
+        if bn_policy == "reset" and stat and ms.is_float(v):
             out[k] = torch.full_like(v, 0.0 if stat == "running_mean" else 1.0)
         else:
             out[k] = v

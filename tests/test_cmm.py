@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from cmm_utils import cmm
+from cmm_utils import cmm, cmm_figures
 from cmm_utils.data import LabeledImages, Scenario, Task
 from cmm_utils.linearize import LinearizedModel
 from cmm_utils.train import FitConfig
@@ -114,7 +114,7 @@ def test_linearized_output_is_affine_in_theta_minus_theta0():
 def test_jvp_matches_finite_differences_for_a_small_step():
     enc = tiny_encoder(dtype=torch.float64)
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
-    check = cmm.linearization_check(enc, x, eps=1e-6)
+    check = cmm_figures.linearization_check(enc, x, eps=1e-6)
     assert check["at_theta0"] < 1e-12
     assert check["fd_rel"] < 1e-4
     assert check["affine"] < 1e-10

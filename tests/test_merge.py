@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cmm_utils import merge as M
+from cmm_utils import merge_streaming as MS
 
 PROPS = settings(max_examples=25, deadline=None)
 t = torch.tensor
@@ -199,7 +200,7 @@ def test_magmax_matches_authors_merge_max_abs(tvs):
 
 def test_magmax_large_tensors_cross_chunks_and_packing():
     # tensors larger than one chunk, and many small packed ones, with fp16 too
-    shapes = {"big": (M._PACK_BELOW + 17,), **{f"s{i}": (i + 1,) for i in range(12)}}
+    shapes = {"big": (MS.PACK_BELOW + 17,), **{f"s{i}": (i + 1,) for i in range(12)}}
     for dtype in (torch.float32, torch.float16):
         tvs = randn_tvs(4, shapes, seed=1, dtype=dtype)
         out = M.magmax(tvs)
@@ -245,7 +246,7 @@ def test_random_select_is_uniform_over_tasks():
 
 
 def test_random_select_does_not_depend_on_thread_count():
-    tvs = randn_tvs(4, {"big": (M._PACK_BELOW + 17,), "small": (9,)}, seed=5)
+    tvs = randn_tvs(4, {"big": (MS.PACK_BELOW + 17,), "small": (9,)}, seed=5)
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -567,7 +568,7 @@ class AliveCounter:
             del sd
 
 
-MEM_SHAPES = {"w": (M._PACK_BELOW + 5,), "b": (7,), "c": (4, 4)}
+MEM_SHAPES = {"w": (MS.PACK_BELOW + 5,), "b": (7,), "c": (4, 4)}
 
 
 @pytest.mark.parametrize("name", [n for n in STREAMING if n != "ties"] + ["ties_callable"])
