@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 MATHJAX := book/_vendor/mathjax/tex-chtml.js
 MATHJAX_VERSION := 3.2.2
 
-.PHONY: book notebooks html test unit data lab browser browse clean help
+.PHONY: book notebooks html test unit data lab browser browse clean clean-cache help
 
 help:
 	@echo "make book [PROFILE=smoke|cpu|paper]  execute every notebook with papermill, build _build/html"
@@ -17,6 +17,7 @@ help:
 	@echo "make data                            check (and download where allowed) every dataset under CMM_DATA"
 	@echo "make lab                             JupyterLab on notebooks/"
 	@echo "make browse                          open every page of the last built book in headless Chromium"
+	@echo "make clean-cache                     delete backbones, checkpoints and cached runs (after a code change)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,3 +68,8 @@ lab: $(VENV)/.installed
 
 clean:
 	rm -rf _build runs book/chapters book/run_log.md
+
+# Caches are keyed by configuration, not by code: after pulling a change to how something is
+# trained or evaluated, recompute everything (pretrained backbones, checkpoints, cached runs).
+clean-cache: clean
+	rm -rf $(or $(CMM_CACHE),.cache) $(or $(CMM_RESULTS),results)
