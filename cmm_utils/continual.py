@@ -26,7 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .data import LabeledImages, Scenario
 from .io import config_key, results_dir, write_json
-from .metrics import average_incremental_accuracy, backward_transfer, final_average_accuracy, forgetting
+from .metrics import (average_incremental_accuracy, backward_transfer, final_average_accuracy, forgetting,
+                      mean_class_recall)
 from .train import predict
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # normalised float batch -> logits over all classes
@@ -110,9 +111,7 @@ def score_seen_tasks(task_logits: Sequence[torch.Tensor], scenario: Scenario, t:
 
     Mean class recall does not reward predicting the majority class (HAM10000's naevi): that scores
     1/C here, while pooled accuracy scores the class's share."""
-    from .metrics import mean_class_recall
-
-    mask, row, preds = seen_mask(scenario, t), [], []
+    mask, row, preds, truth = seen_mask(scenario, t), [], [], []
     for i, task in enumerate(scenario.tasks):
         if i > t:
             row.append(float("nan"))
@@ -121,8 +120,8 @@ def score_seen_tasks(task_logits: Sequence[torch.Tensor], scenario: Scenario, t:
         pred = predictions(task_logits[i], mask) if len(labels) else labels.clone()
         row.append(int((pred == labels).sum()) / max(1, len(labels)))
         preds.append(pred)
-    labels = torch.cat([getattr(task, split).labels for task in scenario.tasks[: t + 1]])
-    predicted = torch.cat(preds)
+        truth.append(labels)
+    labels, predicted = torch.cat(truth), torch.cat(preds)
     accuracy = int((predicted == labels).sum()) / max(1, len(labels))
     mcr = mean_class_recall(labels.numpy(), predicted.numpy()) if len(labels) else float("nan")
     return SeenTasksScore(row, accuracy, mcr, predicted, labels)

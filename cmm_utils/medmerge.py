@@ -197,11 +197,16 @@ def _source_key(arch: str, dataset: str, cfg: Mapping, init_seed: int) -> dict:
             "max_per_split": cfg["source_max_per_split"], "max_steps": cfg.get("max_steps")}
 
 
+def _source_path(arch: str, dataset: str, cfg: Mapping, init_seed: int) -> Path:
+    key = _source_key(arch, dataset, cfg, init_seed)
+    return cache_root() / CHAPTER / "sources" / f"{arch}-{Path(str(dataset)).stem}-{config_key(key)}.safetensors"
+
+
 def train_source(arch: str, dataset: str, cfg: Mapping, init_seed: int, verbose: bool = True) -> nn.Module:
     """A backbone trained from random initialisation ``init_seed`` on ``dataset`` (all of its
     layers), cached as safetensors keyed by the whole configuration; returns the backbone."""
     key = _source_key(arch, dataset, cfg, init_seed)
-    path = cache_root() / CHAPTER / "sources" / f"{arch}-{Path(str(dataset)).stem}-{config_key(key)}.safetensors"
+    path = _source_path(arch, dataset, cfg, init_seed)
 
     def train() -> tuple[dict, dict]:
         data = load_target(dataset, cfg["source_data_seed"], cfg, max_per_split=cfg["source_max_per_split"])
@@ -236,9 +241,7 @@ def source_meta(spec: str, arch: str, cfg: Mapping, init_seed: int) -> dict:
     if spec == "book":
         return {"source": "book backbone", "trained on": "Fashion-MNIST + CIFAR-10 subset" if cfg["profile"] != "paper"
                 else "ImageNet (published weights)"}
-    key = _source_key(arch, spec, cfg, init_seed)
-    path = cache_root() / CHAPTER / "sources" / f"{arch}-{Path(str(spec)).stem}-{config_key(key)}.safetensors"
-    meta = load_meta(path)
+    meta = load_meta(_source_path(arch, spec, cfg, init_seed))
     return {"source": f"{spec} from random init (seed {init_seed})", "trained on": spec,
             "test accuracy": meta.get("test_accuracy"), "test macro F1": meta.get("test_macro_f1")}
 
