@@ -1,7 +1,7 @@
 """One benchmark across all four papers' continual methods (none of the papers compares the others).
 
 Every entry runs through its chapter's cached entry point with the chapter's settings for the
-profile, on the book's shared benchmarks (:mod:`cmm_utils.benchmarks`): when the chapter already
+profile, on the book's shared benchmarks (:mod:`cmm_utils.core.benchmarks`): when the chapter already
 ran the same configuration, its cached result is read back instead of retraining.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from .continual import ContinualResult
+from cmm_utils.core.continual import ContinualResult
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,9 @@ ENTRIES = (
 )
 
 # The chapter modules' cached entry points: (module, function), called as f(method, benchmark, profile, seed).
-RUNNERS = {"magmax": ("cmm_utils.magmax", "cached_magmax_run"),
-           "cmm": ("cmm_utils.cmm", "benchmark_run"),
-           "dynammo": ("cmm_utils.dynammo", "cached_dynammo_run")}
+RUNNERS = {"magmax": ("cmm_utils.papers.magmax.method", "cached_magmax_run"),
+           "cmm": ("cmm_utils.papers.cmm.method", "benchmark_run"),
+           "dynammo": ("cmm_utils.papers.dynammo.method", "cached_dynammo_run")}
 
 
 def entries(methods: list[str] | None = None) -> list[Entry]:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .io import REPO_ROOT, write_csv, write_json
-from .profiles import PROFILES, check_profile
+from cmm_utils.core.io import REPO_ROOT, write_csv, write_json
+from cmm_utils.core.profiles import PROFILES, check_profile
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 CHAPTER_DIR = REPO_ROOT / "book" / "chapters"
@@ -148,7 +148,7 @@ def write_verdicts_page(profile: str) -> Path:
     not, read from each chapter's ``results/<profile>/<chapter>/verdict.json`` of this build."""
     import json
 
-    from .io import results_root
+    from cmm_utils.core.io import results_root
 
     lines = [f"Verdicts of this build (profile **{profile}**, commit `{git_commit()}`), written by the "
              "chapters from their own results:\n"]
@@ -196,7 +196,7 @@ def build_book(profile: str, builder: str = "html") -> Path:
 
 def check_data(download: bool = False) -> pd.DataFrame:
     """One row per registered dataset: present, checksum ok, or what is missing."""
-    from .data import DataError, data_root, ensure_files, load_manifests
+    from cmm_utils.core.data import DataError, data_root, ensure_files, load_manifests
 
     rows = []
     for name, manifest in load_manifests().items():

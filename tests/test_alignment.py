@@ -1,4 +1,4 @@
-"""Permutation specs, weight matching, merge/unmerge matrices and ZipIt! (cmm_utils.alignment)."""
+"""Permutation specs, weight matching, merge/unmerge matrices and ZipIt! (cmm_utils.papers.medmerge.alignment)."""
 from __future__ import annotations
 
 import pytest
@@ -7,9 +7,9 @@ from timm.models.densenet import DenseNet
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
-from cmm_utils import alignment as al
-from cmm_utils import merge
-from cmm_utils.models import Classifier, build_backbone
+from cmm_utils.papers.medmerge import alignment as al
+from cmm_utils.merging import kernels as merge
+from cmm_utils.core.models import Classifier, build_backbone
 
 
 def tiny_resnet(block=BasicBlock, deep=True):

@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from cmm_utils import cmm, cmm_figures
-from cmm_utils.data import LabeledImages, Scenario, Task
-from cmm_utils.linearize import LinearizedModel
-from cmm_utils.train import FitConfig
+from cmm_utils.papers.cmm import method as cmm
+from cmm_utils.papers.cmm import figures as cmm_figures
+from cmm_utils.core.data import LabeledImages, Scenario, Task
+from cmm_utils.papers.cmm.linearize import LinearizedModel
+from cmm_utils.core.train import FitConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -203,7 +204,7 @@ def test_correction_trains_only_the_projection_and_reduces_mismatch():
             p.add_(0.2 * torch.randn_like(p))
     scenario = synthetic_scenario(1, per_class=16)
     data = scenario.tasks[0].train
-    from cmm_utils.train import predict
+    from cmm_utils.core.train import predict
 
     before = cmm.feature_distance(predict(student, data), predict(teacher, data))["l1"]
     theta_before = student.theta()

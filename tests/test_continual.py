@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from cmm_utils.continual import (ContinualResult, cached_run, evaluate_after_task, evaluate_seen_tasks,
-                                 gflops_per_image, load_cached_runs, pooled_mean_class_recall, score_seen_tasks,
-                                 state_bytes)
+from cmm_utils.core.continual import (ContinualResult, cached_run, evaluate_after_task, evaluate_seen_tasks,
+                                      gflops_per_image, load_cached_runs, pooled_mean_class_recall, score_seen_tasks,
+                                      state_bytes)
 from cmm_utils.leaderboard import final_mean_class_recall
-from cmm_utils.data import DatasetSplits, LabeledImages, class_incremental
+from cmm_utils.core.data import DatasetSplits, LabeledImages, class_incremental
 
 
 def tiny_scenario():

@@ -9,11 +9,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from cmm_utils.data import (DataError, class_incremental, dataset_incremental, get_manifest, load_dataset,
-                            load_manifests, task_class_splits)
-from cmm_utils.data.cards import shared_groups
-from cmm_utils.data.datasets import _read
-from cmm_utils.data.manifest import MANIFEST_DIR, FileSpec, ensure_files, verify
+from cmm_utils.core.data import (DataError, class_incremental, dataset_incremental, get_manifest, load_dataset,
+                                 load_manifests, task_class_splits)
+from cmm_utils.core.data.cards import shared_groups
+from cmm_utils.core.data.datasets import _read
+from cmm_utils.core.data.manifest import MANIFEST_DIR, FileSpec, ensure_files, verify
 
 REQUIRED = {"retinamnist", "pathmnist", "dermamnist", "bloodmnist", "ham10000", "cifar10", "cifar100",
             "fashion_mnist", "isic2019", "skin8", "aptos2019", "eyepacs", "path16"}

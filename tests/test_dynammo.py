@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from cmm_utils import dynammo as D
-from cmm_utils.adapters import Adapter, AdapterNet, min_others_scores
-from cmm_utils.data import LabeledImages, Scenario, Task
-from cmm_utils.merge import average_adapters
-from cmm_utils.models import build_backbone
+from cmm_utils.papers.dynammo import method as D
+from cmm_utils.papers.dynammo.adapters import Adapter, AdapterNet, min_others_scores
+from cmm_utils.core.data import LabeledImages, Scenario, Task
+from cmm_utils.merging.kernels import average_adapters
+from cmm_utils.core.models import build_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests for cmm_utils.kernel_merge (MedMerge's kernel-level merge)."""
+"""Tests for cmm_utils.papers.medmerge.kernel_merge (MedMerge's kernel-level merge)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cmm_utils.kernel_merge import KernelMergedConv2d, collapse_kernel_merge, kernel_weights, wrap_kernel_merge
+from cmm_utils.papers.medmerge.kernel_merge import KernelMergedConv2d, collapse_kernel_merge, kernel_weights, wrap_kernel_merge
 
 
 class TinyCNN(nn.Module):

@@ -1,4 +1,4 @@
-"""Loss-surface planes (Garipov et al. 2018) and BatchNorm recomputation (cmm_utils.landscape)."""
+"""Loss-surface planes (Garipov et al. 2018) and BatchNorm recomputation (cmm_utils.papers.medmerge.landscape)."""
 from __future__ import annotations
 
 import matplotlib
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from cmm_utils import landscape as ls
-from cmm_utils.data import LabeledImages
-from cmm_utils.train import to_float
+from cmm_utils.papers.medmerge import landscape as ls
+from cmm_utils.core.data import LabeledImages
+from cmm_utils.core.train import to_float
 
 
 class Tiny(nn.Module):

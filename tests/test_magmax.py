@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from cmm_utils import magmax as mm
-from cmm_utils import merge as mg
-from cmm_utils.data import LabeledImages, Scenario, Task, class_incremental, load_dataset
-from cmm_utils.models import build_backbone
+from cmm_utils.papers.magmax import method as mm
+from cmm_utils.merging import kernels as mg
+from cmm_utils.core.data import LabeledImages, Scenario, Task, class_incremental, load_dataset
+from cmm_utils.core.models import build_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from timm.models.resnet import BasicBlock, ResNet
 
-from cmm_utils import medmerge as mm
-from cmm_utils.data import LabeledImages
-from cmm_utils.kernel_merge import KernelMergedConv2d
-from cmm_utils.models import Classifier, build_backbone
+from cmm_utils.papers.medmerge import method as mm
+from cmm_utils.core.data import LabeledImages
+from cmm_utils.papers.medmerge.kernel_merge import KernelMergedConv2d
+from cmm_utils.core.models import Classifier, build_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 

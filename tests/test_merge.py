@@ -1,4 +1,4 @@
-"""Tests for cmm_utils.merge: hand-computed cases, reference ports, properties, streaming."""
+"""Tests for cmm_utils.merging.kernels: hand-computed cases, reference ports, properties, streaming."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmm_utils import merge as M
-from cmm_utils import merge_streaming as MS
+from cmm_utils.merging import kernels as M
+from cmm_utils.merging import registry as R
+from cmm_utils.merging import streaming as MS
 
 PROPS = settings(max_examples=25, deadline=None)
 t = torch.tensor
@@ -466,14 +467,19 @@ def test_average_adapters_bn_policies():
 # ----------------------------------------------------------------- registry
 
 
-def test_methods_and_merge_dispatch():
-    assert set(M.METHODS) == {"average", "task_arithmetic", "random", "magmax", "ties"}
+def test_registry_dispatch_defaults_and_errors():
+    assert set(R.TASK_VECTOR_RULES) == {"average", "task-arithmetic", "random", "magmax", "ties"}
     tvs = randn_tvs(3)
-    assert_sd_equal(M.merge("magmax", tvs), M.magmax(tvs))
-    assert_sd_equal(M.merge("task_arithmetic", tvs, scale=0.3), M.task_arithmetic(tvs, 0.3))
-    assert_sd_equal(M.merge("random", tvs, seed=5), M.random_select(tvs, 5))
-    with pytest.raises(ValueError, match="'maxmag'.*average, magmax, random, task_arithmetic, ties"):
-        M.merge("maxmag", tvs)
+    assert_sd_equal(R.merge("magmax", tvs), M.magmax(tvs))
+    assert_sd_equal(R.merge("task-arithmetic", tvs, scale=0.3), M.task_arithmetic(tvs, 0.3))
+    assert_sd_equal(R.merge("task-arithmetic", tvs), M.task_arithmetic(tvs, 1.0))
+    assert_sd_equal(R.merge("random", tvs, seed=5), M.random_select(tvs, 5))
+    assert_sd_equal(R.merge("ties", tvs), M.ties(tvs, density=0.2))
+    assert R.rule("ties").defaults["density"] == 0.2
+    with pytest.raises(ValueError, match="'maxmag'.*average, task-arithmetic, ties, random, magmax"):
+        R.merge("maxmag", tvs)
+    with pytest.raises(ValueError, match=r"takes no parameter\(s\) \['k'\]; valid: density, scope"):
+        R.merge("ties", tvs, k=0.2)
 
 
 # --------------------------------------------------------------- validation

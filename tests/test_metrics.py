@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from cmm_utils import metrics
+from cmm_utils.core import metrics
 
 R = np.array([[0.9, np.nan, np.nan],
               [0.7, 0.8, np.nan],

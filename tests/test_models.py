@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cmm_utils.models import ARCHS, Classifier, PretrainConfig, build_backbone, count_parameters, pretrained_backbone
+from cmm_utils.core.models import ARCHS, Classifier, PretrainConfig, build_backbone, count_parameters, pretrained_backbone
 
 
 @pytest.mark.parametrize("arch", ARCHS)

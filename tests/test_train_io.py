@@ -3,11 +3,11 @@ import pytest
 import torch
 from torch import nn
 
-from cmm_utils.data import LabeledImages
-from cmm_utils.io import (atomic_path, cached_state, config_key, load_meta, load_state, save_state, strip_prefix,
-                          with_prefix)
-from cmm_utils.profiles import check_profile, select
-from cmm_utils.train import FitConfig, fit, lr_factor, make_optimizer, predict, seed_everything
+from cmm_utils.core.data import LabeledImages
+from cmm_utils.core.io import (atomic_path, cached_state, config_key, load_meta, load_state, save_state, strip_prefix,
+                               with_prefix)
+from cmm_utils.core.profiles import check_profile, select
+from cmm_utils.core.train import FitConfig, fit, lr_factor, make_optimizer, predict, seed_everything
 
 
 def toy_data(n=64, seed=0):

@@ -1,0 +1,168 @@
+"""Readers for the on-disk formats the manifests name, each returning plain arrays.
+
+Every reader returns ``{split: (images uint8 [N, H, W, C], labels int64 [N], extras)}`` where
+``split`` is ``train``/``val``/``test`` or ``pool`` (one pool the splitter divides), and ``extras``
+holds per-sample string arrays (``groups`` for lesion ids, ``split`` for a split column).
+No reader unpickles anything: CIFAR is read from its binary release, npz with ``allow_pickle=False``.
+"""
+from __future__ import annotations
+
+import gzip
+import tarfile
+from itertools import combinations
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from cmm_utils.core.data.manifest import LABEL_ROLES
+
+Arrays = dict[str, tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]
+SPLITS = ("train", "val", "test")
+
+
+def _labels(raw: np.ndarray, where: str) -> np.ndarray:
+    """MedMNIST labels come as (N, 1) or (N,); multi-label sets (N, K) are refused clearly."""
+    raw = np.asarray(raw)
+    if raw.ndim == 2 and raw.shape[1] == 1:
+        raw = raw[:, 0]
+    if raw.ndim != 1:
+        raise ValueError(f"{where}: labels of shape {raw.shape} are multi-label; the book's "
+                         "scenarios need one class per image (shape (N,) or (N, 1))")
+    return raw.astype(np.int64)
+
+
+def _images(raw: np.ndarray, where: str) -> np.ndarray:
+    raw = np.asarray(raw)
+    if raw.ndim == 3:                       # grey (N, H, W)
+        raw = raw[..., None]
+    if raw.ndim != 4 or raw.shape[-1] not in (1, 3):
+        raise ValueError(f"{where}: images of shape {raw.shape}; expected (N, H, W), (N, H, W, 1) or (N, H, W, 3)")
+    if raw.dtype != np.uint8:
+        scale = 255.0 if raw.max() <= 1.0 else 1.0
+        raw = np.clip(raw * scale, 0, 255).astype(np.uint8)
+    return raw
+
+
+def read_npz(path: Path, keys: dict[str, str] | None = None) -> Arrays:
+    """MedMNIST layout (``{split}_images``/``{split}_labels``) or one pool (``images``/``labels``)."""
+    with np.load(path, allow_pickle=False) as data:
+        files = set(data.files)
+        keys = dict(keys or {})
+        out: Arrays = {}
+        for split in SPLITS:
+            ik, lk = keys.get(f"{split}_images", f"{split}_images"), keys.get(f"{split}_labels", f"{split}_labels")
+            if ik in files and lk in files:
+                out[split] = (_images(data[ik], f"{path}:{ik}"), _labels(data[lk], f"{path}:{lk}"), {})
+        pool_images = keys.get("images", "images")
+        if not out and pool_images in files:
+            extras = {name: np.asarray(data[keys[name]]).astype(str)
+                      for name in ("groups", "split") if name in keys}
+            out["pool"] = (_images(data[pool_images], f"{path}:{pool_images}"),
+                           _labels(data[keys.get("labels", "labels")], f"{path}:labels"), extras)
+        if not out:
+            raise ValueError(f"{path}: no image arrays found. Keys present: {sorted(files)}; expected "
+                             "MedMNIST keys train_images/train_labels (val_, test_ optional) or images/labels")
+        return out
+
+
+def npz_class_names(path: Path) -> list[str] | None:
+    with np.load(path, allow_pickle=False) as data:
+        for key in ("class_names", "label_names"):
+            if key in data.files:
+                return [str(c) for c in data[key]]
+    return None
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def read_idx_gz(files: dict[str, Path]) -> Arrays:
+    """The MNIST/Fashion-MNIST idx format, gzipped, one file per role."""
+    return {split: (_images(_read_idx(files[f"{split}_images"]), str(files[f"{split}_images"])),
+                    _read_idx(files[f"{split}_labels"]).astype(np.int64), {})
+            for split in ("train", "test") if f"{split}_images" in files}
+
+
+def read_cifar_binary_tar(path: Path) -> Arrays:
+    """CIFAR-10/100 binary release: records of label byte(s) then 3x32x32 uint8."""
+    is_100 = "100" in path.name
+    label_bytes, fine = (2, 1) if is_100 else (1, 0)
+    record = label_bytes + 3072
+    parts: dict[str, list[bytes]] = {"train": [], "test": []}
+    with tarfile.open(path, "r:gz") as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            name = Path(member.name).name
+            if not name.endswith(".bin") or "meta" in name:
+                continue
+            split = "test" if "test" in name else "train"
+            parts[split].append(tar.extractfile(member).read())
+    out: Arrays = {}
+    for split, blobs in parts.items():
+        raw = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(-1, record)
+        images = raw[:, label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        out[split] = (np.ascontiguousarray(images), raw[:, fine].astype(np.int64), {})
+    return out
+
+
+def read_image_folder_csv(files: dict[str, Path], images_dir: Path, columns: dict[str, Any],
+                          extension: str = ".jpg", size: int | None = None, classes: Sequence[str] = (),
+                          expect: dict[str, dict[str, Any]] | None = None) -> Arrays:
+    """Image files plus label tables, checked, then decoded once (resized to ``size``) into memory.
+
+    ``files`` maps each file's role to its path: ``labels`` (or no role) is one pool,
+    ``train_labels``/``val_labels``/``test_labels`` are official splits, ``metadata`` supplies the
+    group column joined on the id. :mod:`.label_tables` reads and checks the labels; here every
+    listed image must exist, and no image file name may be in two split lists.
+    """
+    from cmm_utils.core.data.label_tables import load_table, metadata_groups  # pandas, only for this format
+
+    expect = expect or {}
+    groups = (metadata_groups(files["metadata"], columns, expect.get("metadata", {}))
+              if "metadata" in files else None)
+    tables = {LABEL_ROLES.get(role, "pool"): load_table(path, role, columns, classes, groups, expect.get(role))
+              for role, path in files.items() if role != "metadata"}
+    images = {split: [_image_file(images_dir, i, extension) for i in t.ids] for split, t in tables.items()}
+    _check_disjoint(images, tables)
+    for split, t in tables.items():
+        missing = [f for f in images[split] if not f.exists()]
+        if missing:
+            raise FileNotFoundError(f"{missing[0]} is listed in {t.path} but missing ({len(missing)} of "
+                                    f"{len(t.ids)} listed images missing under {images_dir})")
+    return {split: (_decode(images[split], size, t.path), t.labels, t.extras) for split, t in tables.items()}
+
+
+def _image_file(images_dir: Path, image_id: str, extension: str) -> Path:
+    return images_dir / (image_id if Path(image_id).suffix else image_id + extension)
+
+
+def _check_disjoint(images: dict[str, list[Path]], tables: dict) -> None:
+    names = {split: {f.name for f in files} for split, files in images.items()}
+    for a, b in combinations(names, 2):
+        shared = sorted(names[a] & names[b])
+        if shared:
+            raise ValueError(f"{len(shared)} images are in both the {a} list {tables[a].path} and the {b} "
+                             f"list {tables[b].path}, e.g. {shared[0]!r}")
+
+
+def _decode(files: list[Path], size: int | None, listed_in: Path) -> np.ndarray:
+    from PIL import Image
+
+    images = []
+    for file in tqdm(files, desc=f"decoding {listed_in.name}", leave=False):
+        with Image.open(file) as im:
+            im = im.convert("RGB")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            images.append(np.asarray(im))
+    shapes = sorted({im.shape[:2] for im in images})
+    if len(shapes) > 1:
+        raise ValueError(f"the images listed in {listed_in} differ in size ({len(shapes)} sizes (H, W), "
+                         f"e.g. {shapes[:3]}); pass size= to load_dataset to resize them as they load")
+    return np.stack(images)

@@ -1,0 +1,172 @@
+"""Verdicts: a paper's claim beside our measurement, judged by a criterion stated once, here.
+
+A :class:`Claim` is its text, the paper's value and where that value comes from, the criterion
+that would support it, and (once judged) our value, the verdict and, for comparisons, the paired
+gap with its 95 % interval. Chapters build their claims in ``papers/<paper>/claims.py`` with the
+judges below and write them with :func:`write_verdict` to ``results/<profile>/<chapter>/verdict.json``;
+the front page reads those files (:func:`cmm_utils.runner.write_verdicts_page`). No notebook holds
+a threshold.
+
+The verdict words, pinned:
+
+- ``supported``: the criterion holds; for a comparison, the whole 95 % interval of the paired gap
+  lies on the claimed side of ``min_effect``.
+- ``not supported``: the criterion fails; for a comparison, the whole interval lies on the other
+  side of zero (the opposite effect is shown).
+- ``inconclusive``: a comparison whose interval straddles the bound, or that has a single unit (no
+  interval can be formed).
+- ``not testable here``: the regime check failed (the experiment cannot tell the methods apart);
+  the failing numbers are given in ``ours``.
+- ``not run``: the measurement needs a profile or data this build did not have.
+
+Intervals. :func:`paired_gap_interval` takes per-unit paired gaps (one per seed, or per
+scenario × seed) and gives a Student-t 95 % interval of their mean; :func:`paired_bootstrap`
+takes per-image correctness of the two methods on the same test images, resamples images within
+each seed (the seeds' resamples averaged, so seed-to-seed and test-set variation both count) and
+gives a percentile interval.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import stats
+
+from cmm_utils.core.io import write_json
+
+SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
+NOT_TESTABLE, NOT_RUN = "not testable here", "not run"
+VERDICTS = (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NOT_TESTABLE, NOT_RUN)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of a paper; ``judge_*`` return a copy with ``ours``, ``verdict`` (and interval) set."""
+    id: str
+    text: str
+    paper_value: Any
+    source: str
+    criterion: str
+    ours: Any = None
+    verdict: str = NOT_RUN
+    estimate: float | None = None
+    interval: tuple[float, float] | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def supported(self) -> bool | None:
+        """The front page's tri-state: True, False, or None (inconclusive, not testable, not run)."""
+        return {SUPPORTED: True, NOT_SUPPORTED: False}.get(self.verdict)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["claim"] = out.pop("text")
+        out["supported"] = self.supported
+        out["interval"] = None if self.interval is None else [float(v) for v in self.interval]
+        return out
+
+
+def paired_gap_interval(gaps: Sequence[float], level: float = 0.95) -> tuple[float, tuple[float, float] | None]:
+    """Mean of paired gaps and its Student-t interval (``None`` for fewer than two units)."""
+    g = np.asarray(gaps, dtype=float)
+    if g.size == 0 or not np.isfinite(g).all():
+        raise ValueError(f"paired gaps must be finite and non-empty, got {g.tolist()}")
+    mean = float(g.mean())
+    if g.size < 2:
+        return mean, None
+    half = float(stats.t.ppf(0.5 + level / 2, g.size - 1) * g.std(ddof=1) / math.sqrt(g.size))
+    return mean, (mean - half, mean + half)
+
+
+def paired_bootstrap(correct_a: Sequence[np.ndarray], correct_b: Sequence[np.ndarray], n_boot: int = 2000,
+                     seed: int = 0, level: float = 0.95) -> tuple[float, tuple[float, float]]:
+    """Gap in accuracy (a − b) over per-image correctness (one boolean array per seed, a and b
+    scored on the same images), with a percentile interval from resampling images within each seed
+    and averaging the seeds' replicates."""
+    if len(correct_a) != len(correct_b) or not correct_a:
+        raise ValueError("one correctness array per seed for each method, the same number of seeds")
+    rng = np.random.default_rng(seed)
+    replicates = np.zeros(n_boot)
+    for a, b in zip(correct_a, correct_b):
+        a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+        if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+            raise ValueError(f"correctness arrays must be 1-d, non-empty and paired; got {a.shape} and {b.shape}")
+        idx = rng.integers(0, a.size, size=(n_boot, a.size))
+        replicates += (a[idx] - b[idx]).mean(axis=1)
+    replicates /= len(correct_a)
+    estimate = float(np.mean([np.mean(np.asarray(a, float) - np.asarray(b, float)) for a, b in zip(correct_a, correct_b)]))
+    lo, hi = np.quantile(replicates, [0.5 - level / 2, 0.5 + level / 2])
+    return estimate, (float(lo), float(hi))
+
+
+def gap_verdict(estimate: float, interval: tuple[float, float] | None, direction: int = 1,
+                min_effect: float = 0.0) -> str:
+    """The verdict of a comparison claimed to be ``direction`` (+1: ours above, −1: below) by more
+    than ``min_effect``."""
+    if direction not in (1, -1):
+        raise ValueError(f"direction must be +1 or -1, got {direction!r}")
+    if interval is None:
+        return INCONCLUSIVE
+    lo, hi = sorted(direction * v for v in interval)
+    if lo > min_effect:
+        return SUPPORTED
+    if hi < 0:
+        return NOT_SUPPORTED
+    return INCONCLUSIVE
+
+
+def judge_gap(claim: Claim, gaps: Sequence[float], direction: int = 1, min_effect: float = 0.0,
+              ours: Any = None, note: str = "") -> Claim:
+    """A comparison from per-unit paired gaps (e.g. method − baseline per seed)."""
+    estimate, interval = paired_gap_interval(gaps)
+    return replace(claim, ours=ours if ours is not None else f"{estimate:+.4g}", estimate=estimate, interval=interval,
+                   verdict=gap_verdict(estimate, interval, direction, min_effect), note=note or claim.note)
+
+
+def judge_condition(claim: Claim, holds: bool, ours: Any, note: str = "") -> Claim:
+    """A claim whose criterion is a plain condition on our numbers (a count, a tolerance)."""
+    return replace(claim, ours=ours, verdict=SUPPORTED if holds else NOT_SUPPORTED, note=note or claim.note)
+
+
+def judge_inconclusive(claim: Claim, ours: Any, note: str = "") -> Claim:
+    """A claim whose measurement exists but cannot decide it (mixed results, one unit)."""
+    return replace(claim, ours=ours, verdict=INCONCLUSIVE, note=note or claim.note)
+
+
+def not_testable(claim: Claim, failing: str) -> Claim:
+    """The regime check failed: say which numbers failed instead of a verdict."""
+    return replace(claim, ours=failing, verdict=NOT_TESTABLE)
+
+
+def not_run(claim: Claim, why: str) -> Claim:
+    return replace(claim, ours=None, verdict=NOT_RUN, note=why)
+
+
+def count_verdicts(claims: Sequence[Claim]) -> dict[str, int]:
+    return {v: sum(c.verdict == v for c in claims) for v in VERDICTS}
+
+
+def verdict_lines(claims: Sequence[Claim]) -> list[str]:
+    """One Markdown bullet per claim: paper value, ours, verdict (and interval)."""
+    lines = []
+    for c in claims:
+        interval = "" if c.interval is None else f", 95 % interval [{c.interval[0]:+.3g}, {c.interval[1]:+.3g}]"
+        ours = "not run" if c.ours is None else c.ours
+        lines.append(f"- **{c.text}**: paper {c.paper_value}; ours {ours}{interval} → {c.verdict}.")
+    return lines
+
+
+def write_verdict(path: Path | str, paper: str, chapter: str, claims: Sequence[Claim], summary: str,
+                  rerun: str, **extra: Any) -> dict:
+    """``verdict.json`` as the front page reads it; returns what was written."""
+    unknown = [c.verdict for c in claims if c.verdict not in VERDICTS]
+    if unknown:
+        raise ValueError(f"unknown verdict(s) {unknown}; valid: {', '.join(VERDICTS)}")
+    verdict = {"paper": paper, "chapter": chapter, "claims": [c.as_dict() for c in claims], "summary": summary,
+               "counts": count_verdicts(claims), "rerun": rerun, **extra}
+    write_json(path, verdict)
+    return verdict

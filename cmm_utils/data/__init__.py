@@ -1,8 +1,0 @@
-"""Data: manifests, readers, in-memory datasets with splits, continual-learning scenarios."""
-from .datasets import DatasetSplits, LabeledImages, load_dataset, make_split, registered_names
-from .manifest import DataError, Manifest, data_root, ensure_files, get_manifest, load_manifests
-from .scenarios import Scenario, Task, class_incremental, dataset_incremental, task_class_splits
-
-__all__ = ["DatasetSplits", "LabeledImages", "load_dataset", "make_split", "registered_names",
-           "DataError", "Manifest", "data_root", "ensure_files", "get_manifest", "load_manifests",
-           "Scenario", "Task", "class_incremental", "dataset_incremental", "task_class_splits"]

@@ -1,0 +1,191 @@
+"""The DynaMMo chapter's baselines: DER in its *expandable representation* sense (Yan et al., CVPR
+2021; :class:`ExpandableNet`), the dynamic-expansion approach the paper's abstract compares DynaMMo's
+GFLOPs and accuracy against, plus sequential fine-tuning and joint training, all run by
+:func:`single_model_runs`. The deviations from the authors' code are listed in
+:mod:`cmm_utils.papers.dynammo.method`'s docstring."""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmm_utils.core.continual import ContinualResult, gflops_per_image, seen_mask, state_bytes
+from cmm_utils.core.data import Scenario
+from cmm_utils.papers.dynammo.common import (Memory, concat, epoch_config, evaluate, features_with_flips, fit_on_features,
+                                             label_lookup, subsample)
+from cmm_utils.core.io import load_meta, load_state, save_state
+from cmm_utils.core.models import Classifier
+from cmm_utils.core.train import device, fit
+
+
+# ------------------------------------------------------------------------ DER and single models
+class ExpandableNet(nn.Module):
+    """DER's expandable representation (Yan et al., "DER: Dynamically Expandable Representation for
+    Class Incremental Learning", CVPR 2021), without the pruning mask, as the ACL/DynaMMo repository's
+    ``DERNet``: one backbone per task (the new one a copy of the previous, the old ones frozen),
+    features concatenated, one classifier over all classes, and an auxiliary head over the task's
+    classes + one "old" output. Logits cover all ``num_classes`` global classes; callers mask unseen ones."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int):
+        super().__init__()
+        self.template = [backbone]            # a list keeps it out of the module tree
+        self.num_classes = num_classes
+        self.num_features = backbone.num_features
+        self.backbones = nn.ModuleList()
+        self.fc: nn.Linear | None = None
+        self.aux: nn.Linear | None = None
+
+    def add_task(self, n_new: int) -> None:
+        for b in self.backbones:
+            b.requires_grad_(False)
+        source = self.backbones[-1] if len(self.backbones) else self.template[0]
+        dev = next(source.parameters()).device
+        self.backbones.append(copy.deepcopy(source).requires_grad_(True).to(dev))
+        d, T = self.num_features, len(self.backbones)
+        fc = nn.Linear(d * T, self.num_classes).to(dev)
+        if self.fc is not None and dev.type != "meta":
+            with torch.no_grad():
+                fc.weight[:, : d * (T - 1)] = self.fc.weight
+                fc.bias.copy_(self.fc.bias)
+        self.fc, self.aux = fc, nn.Linear(d, n_new + 1).to(dev)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([b(x) for b in self.backbones], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+    def inference_parameters(self) -> int:
+        return sum(p.numel() for p in self.backbones.parameters()) + sum(p.numel() for p in self.fc.parameters())
+
+
+def _masked(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return logits.masked_fill(~mask.to(logits.device), float("-inf"))
+
+
+def _der_train_mode(net: ExpandableNet) -> None:
+    net.eval()
+    net.backbones[-1].train()
+
+
+def single_model_runs(method: str, scenario: Scenario, backbone: nn.Module, settings: Mapping, seed: int,
+                      budget: int, scenario_name: str = "", checkpoint_dir: Path | None = None) -> ContinualResult:
+    """DER, fine-tuning or joint training, evaluated after each task under the pinned protocol.
+
+    - ``finetune``: one model trained on each task's data in turn, CE over the classes seen so far.
+    - ``joint``: after task ``t`` a fresh model trained on all training data of tasks ``0..t``.
+    - ``der``: :class:`ExpandableNet`; per task, the new backbone, the classifier and the auxiliary
+      head trained on the task's data + memory (``CE(fc) + CE(aux)``), memory updated by herding on the
+      concatenated features, then (``t > 0``) the classifier reset and re-trained on the balanced memory
+      with logits divided by ``der_temperature`` (the authors' ``dynamic_er`` stage 2).
+
+    With ``checkpoint_dir``, the state after each task is saved (latest only) and a rerun resumes;
+    the checkpoint is removed once the run is complete (its result is cached by the caller).
+    """
+    dev = device()
+    C = scenario.num_classes
+    cap = settings["max_train_per_task"]
+    net: nn.Module
+    net = ExpandableNet(copy.deepcopy(backbone).to(dev), C) if method == "der" else \
+        Classifier(copy.deepcopy(backbone), C).to(dev)
+    memory = Memory(budget)
+    R, acc_seen, mcr, task_acc, gflops, params, seconds = [], [], [], [], [], [], []
+    start = 0
+    if checkpoint_dir is not None:
+        done = sorted(checkpoint_dir.glob(f"{method}-task*.safetensors"), key=lambda p: int(p.stem.split("task")[1]))
+        if done:
+            meta = load_meta(done[-1])
+            ck = load_state(done[-1])
+            if method == "der":
+                for t in range(meta["tasks"]):
+                    net.add_task(len(scenario.tasks[t].classes))
+                net.backbones[-1].requires_grad_(False)
+                memory = Memory.from_state(budget, ck)
+            model_state = {k[6:]: v for k, v in ck.items() if k.startswith("model.")}
+            net.load_state_dict(model_state)
+            R, acc_seen, mcr, task_acc = meta["R"], meta["acc_seen"], meta["mcr"], meta["task_acc"]
+            gflops, params, seconds = meta["gflops"], meta["params"], meta["seconds"]
+            start = meta["tasks"]
+    for t in range(start, len(scenario.tasks)):
+        task = scenario.tasks[t]
+        t0 = time.time()
+        torch.manual_seed(seed * 1000 + t)
+        mask = seen_mask(scenario, t)
+        current = subsample(task.train, cap, seed * 1000 + t)
+        if method == "joint":
+            net = Classifier(copy.deepcopy(backbone), C).to(dev)
+            train = concat([subsample(s.train, cap, seed * 1000 + i) for i, s in enumerate(scenario.tasks[:t + 1])])
+        else:
+            train = current
+        if method == "der":
+            net.add_task(len(task.classes))
+            train = concat([current, memory.data()])
+            lut = label_lookup(task.classes, C)
+            cfg = epoch_config(settings["der_epochs"], settings["der_lr"], settings["der_milestones"], len(train),
+                               settings["batch_size"], optimizer="sgd", weight_decay=settings["stage1_weight_decay"],
+                               max_steps=settings["train_steps"])
+
+            def loss_fn(model, x, y, mask=mask, lut=lut):
+                f = model.features(x)
+                new = f[:, -model.num_features:]
+                return F.cross_entropy(_masked(model.fc(f), mask), y) + \
+                    F.cross_entropy(model.aux(new), lut.to(y.device)[y])
+
+            params_ = [p for p in net.parameters() if p.requires_grad]
+            fit(net, train, cfg, seed=seed * 1000 + t, params=params_, loss_fn=loss_fn, train_mode=_der_train_mode,
+                desc=f"DER, task {t + 1}")
+            net.eval()
+            memory.update(net.features, current, task.classes)
+            if t > 0:
+                balanced = memory.data()
+                with torch.no_grad():
+                    feats = features_with_flips(net.features, balanced)[None]
+                net.fc = nn.Linear(net.fc.in_features, C).to(dev)
+                temp = settings["der_temperature"]
+                cfg2 = epoch_config(settings["der_ft_epochs"], settings["der_ft_lr"], settings["der_ft_milestones"],
+                                    len(balanced), settings["batch_size"], optimizer="sgd",
+                                    max_steps=settings["head_steps"])
+                fit_on_features(lambda f, y: F.cross_entropy(_masked(net.fc(f[0].to(dev)) / temp, mask), y.to(dev)),
+                                list(net.fc.parameters()), feats, balanced.labels, cfg2, seed * 1000 + 500 + t)
+            for b in net.backbones:
+                b.requires_grad_(False)
+        else:
+            cfg = epoch_config(settings["baseline_epochs"], settings["baseline_lr"], settings["baseline_milestones"],
+                               len(train), settings["batch_size"], optimizer="sgd",
+                               weight_decay=settings["stage1_weight_decay"], max_steps=settings["train_steps"])
+            fit(net, train, cfg, seed=seed * 1000 + t,
+                loss_fn=lambda model, x, y, mask=mask: F.cross_entropy(_masked(model(x), mask), y),
+                desc=f"{method}, task {t + 1}")
+        seconds.append(time.time() - t0)
+        net.eval()
+        row, acc, rec, tacc = evaluate(net, scenario, t)
+        R.append(row), acc_seen.append(acc), mcr.append(rec), task_acc.append(tacc)
+        gflops.append(gflops_per_image(net, task.test.images.shape[-1]))
+        params.append(net.inference_parameters() if method == "der" else sum(p.numel() for p in net.parameters()))
+        if checkpoint_dir is not None:
+            tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
+            if method == "der":
+                tensors.update(memory.state())
+            path = checkpoint_dir / f"{method}-task{t}.safetensors"
+            save_state(path, tensors, {"tasks": t + 1, "R": R, "acc_seen": acc_seen, "mcr": mcr, "task_acc": task_acc,
+                                       "gflops": gflops, "params": params, "seconds": seconds})
+            for old in checkpoint_dir.glob(f"{method}-task*.safetensors"):
+                if old != path:
+                    old.unlink(missing_ok=True)
+                    old.with_suffix(".json").unlink(missing_ok=True)
+    if checkpoint_dir is not None:  # finished: the caller caches the result; the weights are not needed again
+        for old in checkpoint_dir.glob(f"{method}-task*.*"):
+            old.unlink(missing_ok=True)
+    kept = [net.state_dict()] + ([memory.data().images] if method == "der" else [])
+    if method == "joint":
+        kept.append(scenario.joint("train").images)
+    return ContinualResult(method, R, acc_seen, bytes_stored=state_bytes(*kept), gflops=gflops[-1],
+                           train_seconds=float(sum(seconds)),
+                           extra={"mcr_seen": mcr, "task_acc_seen": task_acc, "gflops_per_task": gflops,
+                                  "params_per_task": params, "seconds_per_task": seconds,
+                                  "memory_size": len(memory.data()) if method == "der" else 0})
