@@ -9,11 +9,12 @@ PY := $(VENV)/bin/python
 MATHJAX := book/_vendor/mathjax/tex-chtml.js
 MATHJAX_VERSION := 3.2.2
 
-.PHONY: book notebooks html test unit data lab browser browse clean clean-cache help
+.PHONY: book notebooks html test unit data lab browser browse clean clean-cache help grid slurm
 
 help:
 	@echo "make book [PROFILE=smoke|cpu|paper]  execute every notebook with papermill, build _build/html"
 	@echo "make test                            unit tests, smoke notebooks under nbval, book + browser test"
+	@echo "make grid [PROFILE=..] [EXECUTOR=local|slurm|debug] [GRID_ARGS=..]  every chapter's runs, in parallel (book/cluster.md)"
 	@echo "make data                            check (and download where allowed) every dataset under CMM_DATA"
 	@echo "make lab                             JupyterLab on notebooks/"
 	@echo "make browse                          open every page of the last built book in headless Chromium"
@@ -47,9 +48,26 @@ browser:
 	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
 	  echo "chromium/chromedriver not installed: the browser test will be skipped (outside CI)"
 
+# Debian's single-node SLURM for the grid's tests (tests/slurm_cluster.py starts it under a temp dir);
+# without root or Debian the SLURM tests are skipped and the local-executor tests still run.
+slurm:
+	@PATH="$$PATH:/usr/sbin:/sbin"; command -v slurmctld >/dev/null && command -v slurmd >/dev/null && \
+	  command -v sbatch >/dev/null && command -v munged >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	    apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null; } || \
+	  echo "slurm/munge not installed: the grid's SLURM tests will be skipped (outside CI)"
+
+# Every chapter's runs of a profile as independent jobs (submitit): cached units are skipped, the
+# rest run as a SLURM job array or as local processes; the notebooks then read the cached runs.
+# e.g. make grid PROFILE=paper EXECUTOR=slurm GRID_ARGS="--partition gpu --gpus-per-job 1"
+EXECUTOR ?= local
+PARALLEL ?= 2
+grid: $(VENV)/.installed
+	$(PY) -m cmm_utils.grid --profile $(PROFILE) --executor $(EXECUTOR) --parallel $(PARALLEL) $(GRID_ARGS)
+
 # The smoke notebooks are executed by papermill (they become the book's chapters for the book
 # test), then pytest runs the unit tests, re-executes them under nbval and tests the built book.
-test: $(VENV)/.installed $(MATHJAX) browser
+test: $(VENV)/.installed $(MATHJAX) browser slurm
 	$(PY) -m cmm_utils.runner execute --profile smoke
 	$(PY) -m pytest tests runs/smoke/notebooks --nbval-lax
 

@@ -120,7 +120,7 @@ def _case_fn(method, impl, pool, fpool, T):
     """A zero-argument callable running one case and returning its result."""
     import torch
 
-    from cmm_utils.merging import kernels as M
+    from cmm_utils import merging as M
 
     P = len(pool)
 
@@ -259,7 +259,7 @@ def run_all(sizes, tasks, repeats, pool_size, methods=None, inprocess=False, thr
     """Run every case; in a fresh forked child each unless ``inprocess`` (smoke tests:
     the memory figures are then only indicative, the allocator being shared)."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "cmm_utils.merging.kernels"])
+    ctx.set_forkserver_preload(["torch", "cmm_utils.merging"])
     rows = []
     cases = [("copy", "copy")] + [(m, "streaming") for m in STREAMING] + [(m, "stacked") for m in STACKED]
     if methods:

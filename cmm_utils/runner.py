@@ -23,6 +23,7 @@ import pandas as pd
 
 from cmm_utils.core.io import REPO_ROOT, write_csv, write_json
 from cmm_utils.core.profiles import PROFILES, check_profile
+from cmm_utils.core.verdicts import VERDICTS
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 CHAPTER_DIR = REPO_ROOT / "book" / "chapters"
@@ -59,6 +60,38 @@ def git_commit() -> str:
         return "unknown"
 
 
+def machine() -> dict:
+    """What a reader needs to judge a number measured on another machine."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda or "none", "cuda_available": torch.cuda.is_available(),
+            "threads": torch.get_num_threads(), "python": sys.version.split()[0], "platform": platform.platform()}
+
+
+def hide_injected_parameters(path: Path) -> None:
+    """Collapse papermill's injected-parameters cell in the executed notebook (the book shows the
+    chapter's own parameters cell; the injected values are in the run log)."""
+    import json
+
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "injected-parameters" in tags and "hide-input" not in tags:
+            cell["metadata"]["tags"] = [*tags, "hide-input"]
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+
+
 def execute(profile: str, only: list[str] | None = None, parameters: dict | None = None,
             prepare_only: bool = False) -> pd.DataFrame:
     """Execute notebooks with papermill into ``runs/<profile>/notebooks``; return the run summary.
@@ -86,12 +119,14 @@ def execute(profile: str, only: list[str] | None = None, parameters: dict | None
             except Exception as err:  # papermill raises PapermillExecutionError and friends
                 status, error = "failed", f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
         seconds = time.time() - t0
+        if status == "ok" and output.exists():
+            hide_injected_parameters(output)
         print(f"[{profile}] {nb.name} {status} in {seconds:.0f}s {error}", flush=True)
         rows.append({"notebook": nb.stem, "profile": profile, "parameters": repr(params), "status": status,
                      "seconds": round(seconds, 1), "started_utc": started.isoformat(timespec="seconds"),
                      "git_commit": commit, "error": error})
     summary = _merge_summary(out_dir / "summary.csv", pd.DataFrame(rows))
-    write_json(out_dir / "summary.json", {"profile": profile, "git_commit": commit, "python": sys.version.split()[0],
+    write_json(out_dir / "summary.json", {"profile": profile, "git_commit": commit, "machine": machine(),
                                           "notebooks": summary.to_dict(orient="records")})
     failed = [r["notebook"] for r in rows if r["status"] != "ok"]
     if failed:
@@ -114,33 +149,31 @@ def write_run_log_page(profile: str) -> Path:
     summary = pd.read_csv(runs_dir(profile) / "summary.csv", keep_default_na=False)
     table = summary[["notebook", "status", "seconds", "started_utc", "git_commit", "parameters"]]
     page = REPO_ROOT / "book" / "run_log.md"
+    m = machine()
     page.write_text(
         "# Run log of this build\n\n"
         f"Profile **{profile}**, built {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC on "
-        f"{os.cpu_count()} CPU cores, total notebook time {summary['seconds'].sum() / 60:.1f} min. "
+        f"{m['cpu']} ({m['cores']} cores, torch {m['torch']} with {m['threads']} threads, CUDA "
+        f"{'available' if m['cuda_available'] else 'not available'}), commit `{git_commit()}`, "
+        f"total notebook time {summary['seconds'].sum() / 60:.1f} min. "
         "Each row is one papermill execution of a chapter; the logs are in "
         f"`runs/{profile}/logs/`.\n\n" + table.to_markdown(index=False) + "\n")
     return page
 
 
-CHAPTERS = {"magmax": "MagMax", "cmm": "Holistic continual model merging (CMM)",
-            "dynammo": "DynaMMo", "medmerge": "MedMerge"}
 
 
 def verdict_mark(claim: dict) -> str:
-    """The front page's word for one claim: a chapter sets ``supported`` to True, False or None;
-    None means *not tested* only when there is no result of ours, else the result was mixed."""
-    supported = claim.get("supported")
-    if supported is True:
-        return "yes"
-    if supported is False:
-        return "**no**"
-    ours = claim.get("ours")
-    if ours is None or (isinstance(ours, str) and ours.startswith("not run")):
-        return "not tested here"
-    if claim.get("paper_value") in (None, ""):
-        return "no paper value (ours for reference)"
-    return "mixed / inconclusive"
+    """The front page's word for one claim: the chapter's verdict (:mod:`cmm_utils.core.verdicts`)."""
+    verdict = claim.get("verdict")
+    if verdict not in VERDICTS:
+        raise ValueError(f"claim {claim.get('claim')!r} has verdict {verdict!r}; valid: {', '.join(VERDICTS)}")
+    return {"supported": "yes", "not supported": "**no**"}.get(verdict, verdict)
+
+
+def _interval(claim: dict) -> str:
+    iv = claim.get("interval")
+    return "" if not iv else f"[{iv[0]:+.3g}, {iv[1]:+.3g}]"
 
 
 def write_verdicts_page(profile: str) -> Path:
@@ -152,7 +185,10 @@ def write_verdicts_page(profile: str) -> Path:
 
     lines = [f"Verdicts of this build (profile **{profile}**, commit `{git_commit()}`), written by the "
              "chapters from their own results:\n"]
-    for chapter, title in CHAPTERS.items():
+    from cmm_utils.papers import PAPERS, paper
+
+    for chapter in PAPERS:
+        title = paper(chapter).TITLE
         path = results_root() / profile / chapter / "verdict.json"
         lines.append(f"### {title}\n")
         if not path.exists():
@@ -162,10 +198,10 @@ def write_verdicts_page(profile: str) -> Path:
         lines.append(verdict.get("summary", "") + "\n")
         claims = verdict.get("claims", [])
         if claims:
-            lines.append("| claim | paper | ours | supported |\n|---|---|---|---|")
+            lines.append("| claim | paper | ours | 95 % interval | verdict |\n|---|---|---|---|---|")
             for c in claims:
                 cells = [str(c.get(k, "")).replace("|", "/").replace("\n", " ") for k in ("claim", "paper_value", "ours")]
-                lines.append(f"| {cells[0]} | {cells[1]} | {cells[2]} | {verdict_mark(c)} |")
+                lines.append(f"| {cells[0]} | {cells[1]} | {cells[2]} | {_interval(c)} | {verdict_mark(c)} |")
             lines.append("")
         lines.append(f"Rerun: `{verdict.get('rerun', 'make book PROFILE=' + profile)}`\n")
     page = REPO_ROOT / "book" / "verdicts.md"

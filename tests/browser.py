@@ -55,12 +55,23 @@ const errors = [...document.querySelectorAll('.output.traceback, .output.error, 
     .map(e => e.innerText.slice(0, 200));
 const mathjax = document.querySelectorAll('mjx-container').length;
 const rawMath = [...document.querySelectorAll('.math')].filter(e => !e.querySelector('mjx-container')).length;
-return {imgs, links, ids, errors, title: document.title, mathjax, rawMath};
+// code a reader sees without opening anything: input cells' lines that are laid out on the page
+const visibleCodeLines = [...document.querySelectorAll('.cell_input pre')]
+    .filter(e => e.getClientRects().length > 0)
+    .reduce((n, e) => n + e.innerText.replace(/\n+$/, '').split('\n').length, 0);
+const figures = document.querySelectorAll('.cell_output img').length;
+const tables = document.querySelectorAll('.cell_output table').length;
+return {imgs, links, ids, errors, title: document.title, mathjax, rawMath, visibleCodeLines, figures, tables};
 """
 
 
-def crawl(html_dir: Path, driver, screenshot_dir: Path | None = None) -> tuple[list[str], list[str]]:
-    """Pages visited and problems found, starting at index.html and following internal links."""
+MAX_VISIBLE_CODE_LINES = 40  # per chapter page: the reader meets claims, figures and tables, not orchestration
+
+
+def crawl(html_dir: Path, driver, screenshot_dir: Path | None = None,
+          stats: dict | None = None) -> tuple[list[str], list[str]]:
+    """Pages visited and problems found, starting at index.html and following internal links.
+    ``stats`` (if given) receives per page the visible code lines, figures and tables."""
     html_dir = html_dir.resolve()
     todo, seen, problems, anchors_needed, ids_by_page = [html_dir / "index.html"], set(), [], [], {}
     while todo:
@@ -77,6 +88,11 @@ def crawl(html_dir: Path, driver, screenshot_dir: Path | None = None) -> tuple[l
             page = landed
         rel = page.relative_to(html_dir)
         ids_by_page[page] = set(info["ids"])
+        if stats is not None:
+            stats[str(rel)] = {k: info[k] for k in ("visibleCodeLines", "figures", "tables")}
+        if str(rel).startswith("book/chapters/") and info["visibleCodeLines"] > MAX_VISIBLE_CODE_LINES:
+            problems.append(f"{rel}: {info['visibleCodeLines']} lines of visible code (at most "
+                            f"{MAX_VISIBLE_CODE_LINES}; tag orchestration cells hide-input)")
         if screenshot_dir is not None:
             screenshot_dir.mkdir(parents=True, exist_ok=True)
             driver.save_screenshot(str(screenshot_dir / (str(rel).replace("/", "_") + ".png")))

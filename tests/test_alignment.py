@@ -7,8 +7,8 @@ from timm.models.densenet import DenseNet
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
-from cmm_utils.papers.medmerge import alignment as al
-from cmm_utils.merging import kernels as merge
+from cmm_utils import merging as merge
+from cmm_utils.papers.medmerge import alignment as al, permutation_specs as ps
 from cmm_utils.core.models import Classifier, build_backbone
 
 
@@ -48,12 +48,12 @@ MODELS = {
 def test_random_permutation_preserves_the_function(name):
     torch.manual_seed(0)
     model = randomise_bn(MODELS[name]())
-    spec = al.permutation_spec(model)
+    spec = ps.permutation_spec(model)
     x = torch.randn(3, 3, 32, 32)
-    perms = al.random_perms(spec, seed=1)
+    perms = ps.random_perms(spec, seed=1)
     assert any(not torch.equal(p, torch.arange(len(p))) for p in perms.values())
     other = randomise_bn(MODELS[name](), seed=5)
-    other.load_state_dict(al.apply_permutation(spec, perms, model.state_dict()))
+    other.load_state_dict(ps.apply_permutation(spec, perms, model.state_dict()))
     other.eval()
     assert torch.allclose(other(x), model(x), atol=1e-4)
     # a state dict really changed (the test is not vacuous)
@@ -64,11 +64,11 @@ def test_random_permutation_preserves_the_function(name):
 def test_weight_matching_undoes_a_permutation(name):
     torch.manual_seed(0)
     model = randomise_bn(MODELS[name]())
-    spec = al.permutation_spec(model)
+    spec = ps.permutation_spec(model)
     a = model.state_dict()
-    b = al.apply_permutation(spec, al.random_perms(spec, seed=2), a)
+    b = ps.apply_permutation(spec, ps.random_perms(spec, seed=2), a)
     found = al.weight_matching(spec, a, b, seed=0)
-    back = al.apply_permutation(spec, found, b)
+    back = ps.apply_permutation(spec, found, b)
     for k, v in a.items():
         assert torch.equal(back[k], v), k
     # and averaging after alignment gives the model back
@@ -79,25 +79,25 @@ def test_weight_matching_undoes_a_permutation(name):
 def test_specs_cover_the_book_backbones_and_name_residual_streams():
     for arch in ("resnet18", "densenet121"):
         model = Classifier(build_backbone(arch, scale="cpu"), 5)
-        spec = al.permutation_spec(model)  # raises if a floating entry is not covered
+        spec = ps.permutation_spec(model)  # raises if a floating entry is not covered
         assert set(spec.features) == set(spec.sizes)
-    spec = al.permutation_spec(Classifier(build_backbone("resnet18", scale="cpu"), 5))
+    spec = ps.permutation_spec(Classifier(build_backbone("resnet18", scale="cpu"), 5))
     # resnet18: stem groups, one hidden group per block, one stream per stage
     streams = [g for g in spec.sizes if g.startswith("stream")]
     assert len(streams) == 4
     assert spec.axes["backbone.layer1.0.conv2.weight"][0] == ("stream0",)
     assert spec.axes["backbone.layer2.0.downsample.0.weight"][:2] == (("stream1",), ("stream0",))
     assert spec.axes["head.weight"] == (None, ("stream3",))
-    dspec = al.permutation_spec(Classifier(build_backbone("densenet121", scale="cpu"), 5))
+    dspec = ps.permutation_spec(Classifier(build_backbone("densenet121", scale="cpu"), 5))
     segs = dspec.axes["backbone.features.denseblock1.denselayer3.norm1.weight"][0]
     assert segs == ("stem", "features.denseblock1.denselayer1", "features.denseblock1.denselayer2")
 
 
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="no permutation spec"):
-        al.permutation_spec(nn.Sequential(nn.Conv2d(3, 4, 3)))
+        ps.permutation_spec(nn.Sequential(nn.Conv2d(3, 4, 3)))
     m1, m2 = Classifier(tiny_resnet(), 3), Classifier(tiny_resnet(), 4)
-    spec = al.permutation_spec(m1)
+    spec = ps.permutation_spec(m1)
     with pytest.raises(ValueError, match="head"):
         al.weight_matching(spec, m1.state_dict(), m2.state_dict())
     with pytest.raises(ValueError, match="unknown feature matcher"):
@@ -107,11 +107,11 @@ def test_bad_inputs_raise_clear_errors():
 def test_identity_and_permutation_mats_reproduce_averaging():
     torch.manual_seed(0)
     a_model, b_model = Classifier(tiny_densenet(), 3), Classifier(tiny_densenet(), 3)
-    spec = al.permutation_spec(a_model)
+    spec = ps.permutation_spec(a_model)
     a, b = a_model.state_dict(), b_model.state_dict()
     z = al.zip_merge(spec, a, b, al.identity_mats(spec))
     avg = merge.linear_interpolation(a, b, 0.5)
-    perms = al.random_perms(spec, 3)
+    perms = ps.random_perms(spec, 3)
     zp = al.zip_merge(spec, a, b, al.perm_mats(spec, perms))
     pa = al.permute_average(spec, a, b, perms)
     for k, v in a.items():
@@ -166,10 +166,10 @@ def test_zipit_match_agrees_with_the_reference_loop(seed):
 def test_activation_matching_recovers_a_permuted_copy_and_zipit_runs_on_real_shapes():
     torch.manual_seed(0)
     model = randomise_bn(Classifier(tiny_resnet(), 3), live=True)
-    spec = al.permutation_spec(model)
-    perms = al.random_perms(spec, 4)
+    spec = ps.permutation_spec(model)
+    perms = ps.random_perms(spec, 4)
     twin = randomise_bn(Classifier(tiny_resnet(), 3), seed=9)
-    twin.load_state_dict(al.apply_permutation(spec, perms, model.state_dict()))
+    twin.load_state_dict(ps.apply_permutation(spec, perms, model.state_dict()))
     images = (torch.rand(32, 3, 48, 48) * 255).to(torch.uint8)
     cov = al.feature_covariance(model, twin, spec, images)
     for g, c in cov.items():

@@ -42,11 +42,17 @@ def test_every_page_renders_in_a_headless_browser(built_book, tmp_path):
         if os.environ.get("CI"):
             pytest.fail("chromium and chromedriver are required in CI (make browser installs them)")
         pytest.skip("chromium/chromedriver not installed (make browser installs them)")
+    stats = {}
     with chromium_driver() as driver:
-        pages, problems = crawl(built_book.parent, driver, screenshot_dir=tmp_path / "shots")
+        pages, problems = crawl(built_book.parent, driver, screenshot_dir=tmp_path / "shots", stats=stats)
     chapters = [p for p in pages if p.startswith("book/chapters/")]
     assert len(chapters) == len(runner.notebooks()), pages
     assert not problems, "\n".join(problems)
+    print({p: s for p, s in stats.items() if p in chapters})
+    for name in ("magmax", "cmm", "dynammo", "medmerge", "leaderboard"):
+        page = stats[f"book/chapters/{name}.html"]
+        assert page["visibleCodeLines"] <= 40, (name, page)
+        assert page["figures"] >= 1 and page["tables"] >= 1, (name, page)  # hidden code, figures still there
 
 
 def test_the_browser_check_catches_what_a_reader_would_hit(tmp_path):
@@ -56,10 +62,14 @@ def test_the_browser_check_catches_what_a_reader_would_hit(tmp_path):
         '<html><body><a href="page.html">ok</a><a href="gone.html">broken</a>'
         '<img src="missing.png"><a href="page.html#nowhere">anchor</a></body></html>')
     (tmp_path / "page.html").write_text(
-        '<html><body><div id="here"></div><div class="output traceback">ZeroDivisionError</div></body></html>')
+        '<html><body><div id="here"></div><div class="output traceback">ZeroDivisionError</div>'
+        '<div class="cell_input"><pre>shown = 1\nalso = 2</pre></div>'
+        '<details><div class="cell_input"><pre>hidden = 3</pre></div></details></body></html>')
+    stats = {}
     with chromium_driver() as driver:
-        pages, problems = crawl(tmp_path, driver)
+        pages, problems = crawl(tmp_path, driver, stats=stats)
     text = "\n".join(problems)
+    assert stats["page.html"]["visibleCodeLines"] == 2  # the collapsed cell is not counted
     assert sorted(pages) == ["index.html", "page.html"]
     for expected in ("broken link gone.html", "image does not load", "missing anchor page.html#nowhere",
                      "error output cell"):

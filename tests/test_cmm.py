@@ -5,15 +5,30 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-from cmm_utils.papers.cmm import method as cmm
-from cmm_utils.papers.cmm import figures as cmm_figures
+import cmm_utils.papers.cmm as cmm_paper
+from cmm_utils.core.continual import ContinualResult, scenario_fingerprint, task_local_loss
 from cmm_utils.core.data import LabeledImages, Scenario, Task
-from cmm_utils.papers.cmm.linearize import LinearizedModel
+from cmm_utils.core.models.heads import FrozenHead, HeadedModel
+from cmm_utils.core.profiles import check_table
 from cmm_utils.core.train import FitConfig
+from cmm_utils.core.verdicts import NOT_SUPPORTED, SUPPORTED
+from cmm_utils.papers.cmm import claims as cmm_claims
+from cmm_utils.papers.cmm import figures as cmm_figures
+from cmm_utils.papers.cmm import runs as cmm_runs
+from cmm_utils.papers.cmm.baselines import run_seq_baseline
+from cmm_utils.papers.cmm.encoders import build_encoder, head_weights_fn
+from cmm_utils.papers.cmm.linearize import LinearizedModel
+from cmm_utils.papers.cmm.loop import run_cmm
+from cmm_utils.papers.cmm.networks import ProjectedEncoder, named_theta, projection_name, zero_shot_weights
+from cmm_utils.papers.cmm.profiles import BASELINES, CMM_METHODS, METHODS, PROFILES, SWITCHES, CMMConfig, method_config
+from cmm_utils.papers.cmm.runs import load_scenario, run_config
+from cmm_utils.papers.cmm.stages import (adam_importance, carried_bytes, correct_representation, feature_distance,
+                                         merge_step, train_task)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +53,7 @@ def tiny_encoder(seed: int = 0, dtype=torch.float32) -> nn.Module:
     with torch.no_grad():  # non-trivial BN statistics, as a pretrained network has
         net.bn.running_mean.uniform_(-0.5, 0.5)
         net.bn.running_var.uniform_(0.5, 2.0)
-    return cmm.ProjectedEncoder(net).to(dtype).eval()
+    return ProjectedEncoder(net).to(dtype).eval()
 
 
 def synthetic_scenario(n_tasks: int, per_class: int = 12, seed: int = 0, size: int = 8) -> Scenario:
@@ -60,19 +75,19 @@ def synthetic_scenario(n_tasks: int, per_class: int = 12, seed: int = 0, size: i
     return Scenario("synthetic", "class-incremental", tasks, names, tuple(range(2 * n_tasks)))
 
 
-def tiny_config(method: str = "cmm", **kw) -> cmm.CMMConfig:
+def tiny_config(method: str = "cmm", **kw) -> CMMConfig:
     settings = dict(epochs=1, lr=1e-2, weight_decay=0.1, batch_size=8, warmup_steps=1, clip_grad=1.0,
                     max_train_per_task=None, max_steps=3, alpha=0.4, correction_loss="l1",
                     representation_lr=1e-2, head="fixed", logit_scale=16.0, mismatch_images=16, **kw)
-    return cmm.method_config(method, settings)
+    return method_config(method, settings)
 
 
 def run_tiny(method: str, scenario: Scenario, seed: int = 0, resume: bool = False, **kw):
     enc0 = tiny_encoder()
     cfg = tiny_config(method, **kw)
-    head_fn = cmm.head_weights_fn(cfg, enc0, None, scenario)
-    identity = {"scenario": cmm.scenario_fingerprint(scenario), "test": "tiny", "seed": seed}
-    runner = cmm.run_seq_baseline if method in cmm.BASELINES else cmm.run_cmm
+    head_fn = head_weights_fn(cfg, enc0, None, scenario)
+    identity = {"scenario": scenario_fingerprint(scenario), "test": "tiny", "seed": seed}
+    runner = run_seq_baseline if method in BASELINES else run_cmm
     return runner(scenario, enc0, head_fn, cfg, seed, identity, resume=resume, image_size=8)
 
 
@@ -147,16 +162,16 @@ def test_projection_is_identity_at_init_and_named():
     enc = tiny_encoder()
     x = torch.randn(3, 3, 8, 8)
     assert torch.allclose(enc(x), enc.backbone(x), atol=1e-6)
-    assert cmm.projection_name(enc) == "proj.weight"
-    assert cmm.projection_name(LinearizedModel(enc)) == "proj.weight"
+    assert projection_name(enc) == "proj.weight"
+    assert projection_name(LinearizedModel(enc)) == "proj.weight"
     with pytest.raises(ValueError, match="no final projection"):
-        cmm.projection_name(TinyNet())
+        projection_name(TinyNet())
 
 
 def test_task_local_loss_ignores_other_classes():
     logits = torch.tensor([[0.0, 5.0, 1.0, 9.0]])
     model = lambda x: logits  # noqa: E731
-    loss = cmm.task_local_loss((1, 2), 4)(model, None, torch.tensor([2]))
+    loss = task_local_loss((1, 2), 4)(model, None, torch.tensor([2]))
     expected = torch.nn.functional.cross_entropy(torch.tensor([[5.0, 1.0]]), torch.tensor([1]))
     assert torch.allclose(loss, expected)
 
@@ -169,7 +184,7 @@ def test_adam_importance_is_exp_avg_sq():
         opt.zero_grad()
         lin(torch.randn(4, 3, 8, 8)).sum().backward()
         opt.step()
-    imp = cmm.adam_importance(opt, list(lin.named_theta()))
+    imp = adam_importance(opt, list(lin.named_theta()))
     assert set(imp) == set(lin.names)
     for name, p in lin.named_theta():
         assert torch.equal(imp[name], opt.state[p]["exp_avg_sq"])
@@ -180,18 +195,18 @@ def test_merge_step_is_the_cmm_formula():
     prev, new = {"w": torch.tensor([1.0, 2.0, 3.0])}, {"w": torch.tensor([3.0, 0.0, 3.0])}
     Fp, Fn = {"w": torch.tensor([1.0, 0.0, 2.0])}, {"w": torch.tensor([1.0, 4.0, 0.5])}
     a = 0.4
-    merged, F = cmm.merge_step(prev, Fp, new, Fn, a, "importance")
+    merged, F = merge_step(prev, Fp, new, Fn, a, "importance")
     expect = ((1 - a) * Fp["w"] * prev["w"] + a * Fn["w"] * new["w"]) / ((1 - a) * Fp["w"] + a * Fn["w"])
     assert torch.allclose(merged["w"], expect)
     assert torch.allclose(F["w"], (1 - a) * Fp["w"] + a * Fn["w"])
-    assert torch.equal(cmm.merge_step(prev, Fp, new, Fn, 0.0)[0]["w"], prev["w"])
-    assert torch.equal(cmm.merge_step(prev, Fp, new, Fn, 1.0)[0]["w"], new["w"])
+    assert torch.equal(merge_step(prev, Fp, new, Fn, 0.0)[0]["w"], prev["w"])
+    assert torch.equal(merge_step(prev, Fp, new, Fn, 1.0)[0]["w"], new["w"])
     # equal importances reduce to plain interpolation
-    same = cmm.merge_step(prev, Fn, new, Fn, a)[0]["w"]
-    plain, none = cmm.merge_step(prev, None, new, None, a, "interpolate")
+    same = merge_step(prev, Fn, new, Fn, a)[0]["w"]
+    plain, none = merge_step(prev, None, new, None, a, "interpolate")
     assert torch.allclose(same, plain["w"]) and none is None
     with pytest.raises(ValueError, match="unknown merge rule"):
-        cmm.merge_step(prev, Fp, new, Fn, a, "mean")
+        merge_step(prev, Fp, new, Fn, a, "mean")
 
 
 # ----------------------------------------------------------------------------- correction
@@ -206,12 +221,12 @@ def test_correction_trains_only_the_projection_and_reduces_mismatch():
     data = scenario.tasks[0].train
     from cmm_utils.core.train import predict
 
-    before = cmm.feature_distance(predict(student, data), predict(teacher, data))["l1"]
+    before = feature_distance(predict(student, data), predict(teacher, data))["l1"]
     theta_before = student.theta()
     cfg = FitConfig(epochs=3, lr=5e-2, batch_size=8, optimizer="adamw", weight_decay=0.01,
                     schedule="constant", clip_grad=1.0)
-    losses = cmm.correct_representation(student, teacher, data, cfg, loss="l1")
-    after = cmm.feature_distance(predict(student, data), predict(teacher, data))["l1"]
+    losses = correct_representation(student, teacher, data, cfg, loss="l1")
+    after = feature_distance(predict(student, data), predict(teacher, data))["l1"]
     changed = [k for k, v in student.theta().items() if not torch.equal(v, theta_before[k])]
     assert changed == ["proj.weight"]
     assert after < before and len(losses) == 12
@@ -225,7 +240,7 @@ def test_cmm_run_has_constant_memory_in_the_number_of_tasks():
     assert len(set(b2 + b4)) == 1
     enc = tiny_encoder()
     theta = {k: v for k, v in enc.named_parameters()}
-    assert b4[0] == cmm.carried_bytes("cmm", theta, enc.state_dict(), theta)  # θ, θ0 (+ BN stats) and F
+    assert b4[0] == carried_bytes("cmm", theta, enc.state_dict(), theta)  # θ, θ0 (+ BN stats) and F
     grow = run_tiny("magmax", synthetic_scenario(4)).extra["bytes_all_checkpoints"]
     assert grow == sorted(grow) and grow[-1] > grow[0]  # the authors' storage grows with T
 
@@ -261,24 +276,100 @@ def test_ablations_differ_only_where_they_should():
 
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="unknown method 'cmm-fast'.*valid"):
-        cmm.method_config("cmm-fast", {})
+        method_config("cmm-fast", {})
     with pytest.raises(ValueError, match="unknown correction_loss 'huber'"):
-        cmm.method_config("cmm", {"correction_loss": "huber"})
+        method_config("cmm", {"correction_loss": "huber"})
     with pytest.raises(ValueError, match="alpha=1.5"):
-        cmm.method_config("cmm", {"alpha": 1.5})
+        method_config("cmm", {"alpha": 1.5})
     with pytest.raises(ValueError, match="unknown head"):
-        cmm.method_config("cmm", {"head": "text"})
+        method_config("cmm", {"head": "text"})
     with pytest.raises(ValueError, match="unknown backbone"):
-        cmm.build_encoder("resnet1000", "cpu")
+        build_encoder("resnet1000", "cpu")
     with pytest.raises(ValueError, match="not a benchmark"):
-        cmm.load_scenario("retinamnist", "smoke", 0)
+        load_scenario("retinamnist", "smoke", 0)
 
 
 def test_run_config_has_the_leaderboard_keys():
-    cfg = cmm.run_config("cmm", "ham10000-cil", "cpu", 1, cmm.PROFILES["cpu"], "resnet18")
+    cfg = run_config("cmm", "ham10000-cil", "cpu", 1, PROFILES["cpu"], "resnet18")
     assert {"method", "benchmark", "seed", "backbone", "profile", "alpha", "representation_lr"} <= set(cfg)
     json.dumps(cfg)
-    assert set(cmm.CMM_METHODS) == {"cmm", "cmm-no-linear", "cmm-no-fisher", "cmm-no-correction"}
+    assert set(CMM_METHODS) == {"cmm", "cmm-no-linear", "cmm-no-fisher", "cmm-no-correction"}
+
+
+# ----------------------------------------------------------------------------- interface
+def test_run_returns_a_cached_result_with_mean_class_recall(tmp_path, monkeypatch):
+    """``run`` (the leaderboard's entry) computes once, caches under CMM_RESULTS, then reads the cache."""
+    sc = synthetic_scenario(2)
+    enc0 = tiny_encoder()
+    monkeypatch.setattr(cmm_runs, "pretrained_encoder", lambda backbone, profile: (enc0, None, "tiny-theta0"))
+    tiny = dict(max_train_per_task=16, max_steps=2, batch_size=8, mismatch_images=8)
+    first = cmm_paper.run("cmm", "synthetic", "smoke", 0, scenario=sc, **tiny)
+    assert isinstance(first, ContinualResult) and first.method == "cmm"
+    mcr = first.extra["mean_class_recall"]
+    assert isinstance(mcr, float) and 0.0 <= mcr <= 1.0
+    assert np.asarray(first.R).shape == (2, 2)
+    stored = list((tmp_path / "results" / "smoke" / "cmm" / "runs").glob("cmm-*.json"))
+    assert len(stored) == 1
+    assert json.loads(stored[0].read_text())["config"]["theta0"] == "tiny-theta0"
+
+    def computes(*args, **kw):
+        raise AssertionError("computed again instead of reading the cache")
+
+    monkeypatch.setattr(cmm_runs, "run_method", computes)
+    second = cmm_paper.run("cmm", "synthetic", "smoke", 0, scenario=sc, **tiny)
+    assert isinstance(second, ContinualResult)
+    assert np.array_equal(np.asarray(second.R, dtype=float), np.asarray(first.R, dtype=float), equal_nan=True)
+    assert isinstance(second.extra["mean_class_recall"], float) and second.extra["mean_class_recall"] == mcr
+    with pytest.raises(AssertionError, match="computed again"):  # another setting is another run
+        cmm_paper.run("cmm", "synthetic", "smoke", 0, scenario=sc, **{**tiny, "alpha": 0.5})
+    with pytest.raises(ValueError):  # overrides are profile settings, checked by core.profiles.select
+        cmm_paper.run("cmm", "synthetic", "smoke", 0, scenario=sc, no_such_setting=1)
+
+
+def test_profiles_follow_the_common_schema():
+    assert check_table("cmm", PROFILES) is PROFILES
+    assert METHODS == tuple(SWITCHES) and set(BASELINES) | set(CMM_METHODS) == set(METHODS)
+    for row in PROFILES.values():
+        assert isinstance(row["seeds"], int) and row["seeds"] >= 1
+        assert set(row["methods"]) <= set(METHODS)
+    assert (cmm_paper.CHAPTER, cmm_paper.METHODS) == ("cmm", METHODS)
+    assert {"CHAPTER", "TITLE", "PROFILES", "METHODS", "run"} <= set(cmm_paper.__all__)
+
+
+def claim_frames(acc: dict, corrected_by: float, bytes_per_task: list, seeds=(0, 1, 2)):
+    """Hand-made chapter artifacts on one scenario "toy": final accuracy (= mean class recall) per
+    method with a per-seed offset, a mismatch log whose correction moves the distance by
+    ``corrected_by`` (negative: it shrinks), and the bytes CMM carried."""
+    runs = pd.DataFrame([dict(benchmark="toy", method=m, seed=s, final_acc=a + 0.01 * s,
+                              mean_class_recall=a + 0.01 * s) for s in seeds for m, a in acc.items()])
+    mismatch = pd.DataFrame([dict(seed=s, task=t, data=d, stage=stage, l1=0.5 + (corrected_by if stage == "after" else 0))
+                             for s in seeds for t in (1, 2) for d in ("current", "old") for stage in ("before", "after")])
+    return runs, mismatch, bytes_per_task
+
+
+def test_claims_supported_and_not_supported_on_hand_made_frames():
+    ablations = ("cmm-no-linear", "cmm-no-fisher", "cmm-no-correction")
+    good = {"cmm": 0.80, "magmax": 0.70, "average": 0.60, "seq-ft": 0.40, **{m: 0.60 for m in ablations}}
+    runs, mismatch, b = claim_frames(good, -0.1, [100, 100, 100])
+    claims = {c.id: c for c in cmm_claims.judge_claims(runs, {"toy": 0.5}, b, mismatch, "l1", "toy")}
+    for cid in ("competitive", "constant-memory", "linearisation", "importance-merge", "correction", "mismatch"):
+        assert claims[cid].verdict == SUPPORTED, (cid, claims[cid].ours)
+    assert claims["paper-scale"].verdict == "not run"
+
+    bad = {"cmm": 0.60, "magmax": 0.80, "average": 0.60, "seq-ft": 0.40, **{m: 0.70 for m in ablations}}
+    runs, mismatch, b = claim_frames(bad, +0.1, [100, 200, 300])
+    claims = {c.id: c for c in cmm_claims.judge_claims(runs, {"toy": 0.3}, b, mismatch, "l1", "toy")}
+    for cid in ("competitive", "constant-memory", "linearisation", "importance-merge", "correction", "mismatch"):
+        assert claims[cid].verdict == NOT_SUPPORTED, (cid, claims[cid].ours)
+    # within the margin below MagMax is still competitive; below the majority floor it is not tested
+    close = {**good, "cmm": 0.69}
+    runs, mismatch, b = claim_frames(close, -0.1, [100, 100, 100])
+    judged = {c.id: c for c in cmm_claims.judge_claims(runs, {"toy": 0.5}, b, mismatch, "l1", "toy")}
+    assert judged["competitive"].verdict == SUPPORTED
+    judged = {c.id: c for c in cmm_claims.judge_claims(runs, {"toy": 0.85}, b, mismatch, "l1", "toy")}
+    assert judged["competitive"].verdict == "inconclusive"
+    text = cmm_claims.summary(runs, list(judged.values()), {"toy": 0.85}, "toy", "smoke", 3, b)
+    assert "toy (smoke profile, 3 seed(s))" in text
 
 
 # ----------------------------------------------------------------------------- paper profile
@@ -288,26 +379,26 @@ def test_paper_profile_builds_clip_and_takes_one_linearised_step(data_root):
     one linearised training step on two real 224 px images, then the correction's parameter."""
     from PIL import Image
 
-    s = cmm.PROFILES["paper"]
+    s = PROFILES["paper"]
     assert (s["backbone"], s["lr"], s["weight_decay"], s["batch_size"], s["warmup_steps"], s["epochs"],
             s["alpha"], s["representation_lr"], s["correction_loss"]) == (
         "clip_vit_b16", 1e-5, 0.1, 128, 500, 10, 0.4, 1e-7, "l2")
-    visual, clip = cmm.build_encoder("clip_vit_b16", "paper", pretrained=False)
+    visual, clip = build_encoder("clip_vit_b16", "paper", pretrained=False)
     folder = data_root / "ham10000" / "jpg224_sample"
     files = sorted(folder.glob("*.jpg"))[:2]
     images = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB").resize((224, 224)))).permute(2, 0, 1)
                           for f in files])
     data = LabeledImages(images, torch.tensor([0, 1]))
-    weights = cmm.zero_shot_weights(clip[0], clip[1], ["melanoma", "nevus"], "photo")
+    weights = zero_shot_weights(clip[0], clip[1], ["melanoma", "nevus"], "photo")
     assert weights.shape == (2, 512)
-    head = cmm.CosineHead(2, 512, 100.0)
+    head = FrozenHead.unset(2, 512, 100.0)
     head.set_rows((0, 1), weights)
-    net = cmm.CMMNet(LinearizedModel(visual), head)
-    cfg = cmm.method_config("cmm", {**s, "max_steps": 1, "batch_size": 2}).fit_config()
-    res = cmm.train_task(net, data, (0, 1), 2, cfg, seed=5)
+    net = HeadedModel(LinearizedModel(visual), head)
+    cfg = method_config("cmm", {**s, "max_steps": 1, "batch_size": 2}).fit_config()
+    res = train_task(net, data, (0, 1), 2, cfg, seed=5)
     assert res.steps == 1 and np.isfinite(res.losses[0])
-    imp = cmm.adam_importance(res.optimizer, cmm.named_theta(net.encoder))
-    assert cmm.projection_name(net.encoder) == "visual.proj"
+    imp = adam_importance(res.optimizer, named_theta(net.backbone))
+    assert projection_name(net.backbone) == "visual.proj"
     assert imp["visual.proj"].shape == (768, 512)
 
 

@@ -7,7 +7,6 @@ from torch import nn
 from cmm_utils.core.continual import (ContinualResult, cached_run, evaluate_after_task, evaluate_seen_tasks,
                                       gflops_per_image, load_cached_runs, pooled_mean_class_recall, score_seen_tasks,
                                       state_bytes)
-from cmm_utils.leaderboard import final_mean_class_recall
 from cmm_utils.core.data import DatasetSplits, LabeledImages, class_incremental
 
 
@@ -63,11 +62,14 @@ def test_one_set_of_logits_scores_every_step_like_a_fresh_evaluation():
     assert score.accuracy == pytest.approx(float((score.predicted == score.labels).float().mean()))
 
 
-def test_leaderboard_reads_each_chapters_recall():
+def test_leaderboard_row_reads_the_one_recall_key_every_paper_records():
+    from cmm_utils.leaderboard import ENTRIES, result_row
+
     base = dict(method="m", R=[[0.5]], acc_seen=[0.5])
-    assert final_mean_class_recall(ContinualResult(**base, extra={"mean_class_recall": 0.3})) == 0.3
-    assert final_mean_class_recall(ContinualResult(**base, extra={"mcr_seen": [0.6, 0.2]})) == 0.2
-    assert np.isnan(final_mean_class_recall(ContinualResult(**base)))
+    row = result_row(ENTRIES[0], "b", 0, ContinualResult(**base, extra={"mean_class_recall": 0.3}))
+    assert row["mean_class_recall"] == 0.3 and row["final_acc"] == 0.5
+    with pytest.raises(KeyError, match="mean_class_recall"):
+        result_row(ENTRIES[0], "b", 0, ContinualResult(**base, extra={"mcr_seen": [0.6, 0.2]}))
 
 
 def test_gflops_counts_multiply_adds_twice():

@@ -1,5 +1,6 @@
 """DynaMMo (MIUA 2024): adapters, merge-once, single-pass inference, min-others, herding, memory,
-the two stages, DER, checkpoints, determinism, the paper profile (one step at 224 px), the notebook."""
+the two stages, DER, checkpoints, determinism, the paper profile (one step at 224 px), the chapter's
+interface (``run`` and its cache, the profile table), the claims, the notebook."""
 from __future__ import annotations
 
 import copy
@@ -7,14 +8,24 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from cmm_utils.papers.dynammo import method as D
-from cmm_utils.papers.dynammo.adapters import Adapter, AdapterNet, min_others_scores
+import cmm_utils.papers.dynammo as D
+from cmm_utils import merging
+from cmm_utils.core.continual import ContinualResult
 from cmm_utils.core.data import LabeledImages, Scenario, Task
-from cmm_utils.merging.kernels import average_adapters
 from cmm_utils.core.models import build_backbone
+from cmm_utils.core.profiles import check_table
+from cmm_utils.papers.dynammo import claims as C
+from cmm_utils.papers.dynammo import runs
+from cmm_utils.papers.dynammo.adapters import Adapter, AdapterNet, min_others_scores
+from cmm_utils.papers.dynammo.common import Memory, epoch_config, herding, label_lookup
+from cmm_utils.papers.dynammo.method import adapter_spread, adapter_stage1
+from cmm_utils.papers.dynammo.profiles import check_method, stage2_schedule
+from cmm_utils.papers.dynammo.runs import run_dynammo_method
+from cmm_utils.papers.dynammo.scenarios import MEMORY_PER_CLASS, grouped_scenario, load_scenario, pycil_class_order
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +114,7 @@ def test_merge_is_the_uniform_average_computed_once(small_backbone):
             for p in net.adapters[-1].parameters():
                 p.add_(0.1 * torch.randn_like(p))
     net.merge()
-    expected = average_adapters([a.state_dict() for a in net.adapters], "average")
+    expected = merging.average_adapters([a.state_dict() for a in net.adapters], "average")
     for k, v in net.merged.state_dict().items():
         assert torch.allclose(v, expected[k]), k
     x = torch.randn(2, 3, 28, 28)
@@ -119,8 +130,8 @@ def test_merge_is_the_uniform_average_computed_once(small_backbone):
 def test_adapter_spread_measures_distance_to_the_average():
     a = {"w": torch.tensor([1.0, 0.0]), "bn.running_mean": torch.tensor([5.0])}
     b = {"w": torch.tensor([3.0, 0.0]), "bn.running_mean": torch.tensor([-5.0])}
-    assert D.adapter_spread([a, a]) == 0.0
-    assert D.adapter_spread([a, b]) == pytest.approx(0.5)      # |1-2| / |2|, statistics ignored
+    assert adapter_spread([a, a]) == 0.0
+    assert adapter_spread([a, b]) == pytest.approx(0.5)      # |1-2| / |2|, statistics ignored
 
 
 def test_bn_policy_reaches_the_merge(small_backbone):
@@ -199,28 +210,28 @@ def herding_reference(x: np.ndarray, m: int) -> list[int]:
 
 def test_herding_matches_icarl():
     x = np.random.default_rng(0).normal(size=(40, 5))
-    assert D.herding(torch.from_numpy(x), 12).tolist() == herding_reference(x, 12)
-    assert sorted(D.herding(torch.from_numpy(x), 100).tolist()) == list(range(40))
+    assert herding(torch.from_numpy(x), 12).tolist() == herding_reference(x, 12)
+    assert sorted(herding(torch.from_numpy(x), 100).tolist()) == list(range(40))
 
 
 def test_memory_splits_a_fixed_budget_and_keeps_herding_order():
     torch.manual_seed(0)
     data = LabeledImages(torch.randint(0, 255, (60, 3, 4, 4), dtype=torch.uint8), torch.arange(6).repeat(10))
     feat = lambda x: x.flatten(1)  # noqa: E731
-    mem = D.Memory(12)
+    mem = Memory(12)
     mem.update(feat, data, [0, 1])
     assert [len(mem.classes[c]) for c in (0, 1)] == [6, 6]
     first = mem.classes[0].images.clone()
     mem.update(feat, data, [2, 3, 4, 5])
     assert [len(mem.classes[c]) for c in range(6)] == [2] * 6 and len(mem.data()) == 12
     assert torch.equal(mem.classes[0].images, first[:2])           # truncation keeps the herding prefix
-    again = D.Memory.from_state(12, mem.state())
+    again = Memory.from_state(12, mem.state())
     assert torch.equal(again.data().images, mem.data().images)
 
 
 def test_others_label_and_epoch_milestones():
-    assert D.label_lookup((1, 4), 6).tolist() == [2, 0, 2, 2, 1, 2]
-    cfg = D.epoch_config(200, 0.01, [70, 130, 170], 3555, 32)
+    assert label_lookup((1, 4), 6).tolist() == [2, 0, 2, 2, 1, 2]
+    cfg = epoch_config(200, 0.01, [70, 130, 170], 3555, 32)
     assert cfg.milestones == (70 * 112, 130 * 112, 170 * 112) and cfg.schedule == "multistep"
 
 
@@ -229,8 +240,8 @@ def test_runs_are_deterministic_and_report_flat_merged_cost(small_backbone):
     sc, s = tiny_scenario(), tiny_settings()
     results = {}
     for method in D.METHODS:
-        a = D.run_dynammo_method(method, sc, "smoke", 3, s, backbone=small_backbone, checkpoint=False)
-        b = D.run_dynammo_method(method, sc, "smoke", 3, s, backbone=small_backbone, checkpoint=False)
+        a = run_dynammo_method(method, sc, "smoke", 3, s, backbone=small_backbone, checkpoint=False)
+        b = run_dynammo_method(method, sc, "smoke", 3, s, backbone=small_backbone, checkpoint=False)
         np.testing.assert_array_equal(np.asarray(a.R), np.asarray(b.R), err_msg=method)   # NaN == NaN here
         assert a.extra["mcr_seen"] == b.extra["mcr_seen"], method
         assert np.asarray(a.R).shape == (2, 2) and all(0 <= v <= 1 for v in a.acc_seen)
@@ -239,55 +250,107 @@ def test_runs_are_deterministic_and_report_flat_merged_cost(small_backbone):
     dyn, acl = results["dynammo"].extra["gflops_per_task"], results["acl"].extra["gflops_per_task"]
     assert abs(dyn[1] - dyn[0]) < 1e-4 and acl[1] > 1.5 * acl[0]
     assert results["der"].extra["params_per_task"][1] > 1.9 * results["der"].extra["params_per_task"][0]
-    assert results["dynammo"].extra["memory_size"] == D.MEMORY_PER_CLASS * sc.num_classes
+    assert results["dynammo"].extra["memory_size"] == MEMORY_PER_CLASS * sc.num_classes
     assert results["dynammo"].extra["adapter_spread"][0] == 0.0 and len(results["dynammo"].extra["alpha"]) == 2
 
 
 def test_stage1_resumes_from_its_checkpoint(small_backbone, tmp_path):
     sc, s = tiny_scenario(), tiny_settings()
-    straight = D.adapter_stage1(sc, small_backbone, s, 0, 20, None)
+    straight = adapter_stage1(sc, small_backbone, s, 0, 20, None)
     ck = tmp_path / "ck"
     ck.mkdir()
     first = Scenario(sc.name, sc.kind, sc.tasks[:1], sc.class_names, sc.class_order)
-    D.adapter_stage1(first, small_backbone, s, 0, 20, ck)              # "interrupted" after task 1
+    adapter_stage1(first, small_backbone, s, 0, 20, ck)              # "interrupted" after task 1
     assert [p.name for p in ck.glob("*.safetensors")] == ["stage1-task0.safetensors"]
-    resumed = D.adapter_stage1(sc, small_backbone, s, 0, 20, ck)
+    resumed = adapter_stage1(sc, small_backbone, s, 0, 20, ck)
     for a, b in zip(straight.adapters, resumed.adapters):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(straight.memories[-1].images, resumed.memories[-1].images)
     assert [p.name for p in ck.glob("*.safetensors")] == ["stage1-task1.safetensors"]
 
 
-def test_cached_run_keys_what_the_leaderboard_reads(small_backbone, monkeypatch):
-    sc, s = tiny_scenario(), tiny_settings()
-    monkeypatch.setattr(D, "book_backbone", lambda *a, **k: copy.deepcopy(small_backbone))
-    r = D.cached_dynammo_run("dynammo", "tiny", "smoke", 0, s, scenario=lambda: sc)
-    runs = list((Path(__import__("os").environ["CMM_RESULTS"]) / "smoke" / "dynammo" / "runs").glob("*.json"))
-    assert len(runs) == 1
-    saved = json.loads(runs[0].read_text())
+def test_run_is_cached_and_records_the_final_mean_class_recall(small_backbone, monkeypatch):
+    sc = tiny_scenario()
+    overrides = dict(train_steps=2, head_steps=2, stage2_epochs=2, der_ft_epochs=2, batch_size=8)
+    monkeypatch.setattr(runs, "book_backbone", lambda *a, **k: copy.deepcopy(small_backbone))
+    r = D.run("dynammo", "tiny", "smoke", 0, scenario=lambda: sc, **overrides)
+    assert isinstance(r, ContinualResult)
+    assert isinstance(r.extra["mean_class_recall"], float) and r.extra["mean_class_recall"] == r.extra["mcr_seen"][-1]
+    found = list((Path(__import__("os").environ["CMM_RESULTS"]) / "smoke" / "dynammo" / "runs").glob("*.json"))
+    assert len(found) == 1
+    saved = json.loads(found[0].read_text())
     assert {"method", "benchmark", "seed", "backbone", "profile"} <= set(saved["config"])
-    assert saved["config"]["method"] == "dynammo"
+    assert saved["config"]["method"] == "dynammo" and saved["config"]["train_steps"] == 2
+    assert not {"seeds", "benchmarks", "methods"} & set(saved["config"])    # what a page runs is no cache key
     np.testing.assert_array_equal(np.asarray(saved["result"]["R"], dtype=float), np.asarray(r.R))
-    again = D.cached_dynammo_run("dynammo", "tiny", "smoke", 0, s, scenario=lambda: pytest.fail("recomputed"))
+    again = D.run("dynammo", "tiny", "smoke", 0, scenario=lambda: pytest.fail("recomputed"), **overrides)
     np.testing.assert_array_equal(np.asarray(again.R, dtype=float), np.asarray(r.R))
+    assert again.extra["mean_class_recall"] == r.extra["mean_class_recall"]
+    with pytest.raises(ValueError, match="unknown setting 'train_step'"):
+        D.run("dynammo", "tiny", "smoke", 0, scenario=lambda: sc, train_step=2)
+
+
+def test_profiles_follow_the_common_schema():
+    check_table(D.CHAPTER, D.PROFILES)
+    assert D.PROFILES["cpu"]["seeds"] == 3 and D.PROFILES["cpu"]["benchmarks"][0] == "ham10000-cil"
+    assert all(row["methods"] == list(D.METHODS) for row in D.PROFILES.values())
+    assert D.CHAPTER == "dynammo" and D.TITLE and callable(D.run)
+
+
+def _claim_frames(acl=0.82, der=0.84, finetune=0.70, acl_ratio=9.6, der_ratio=6.9):
+    """Hand-made page artifacts: one scenario, two seeds, DynaMMo at 0.80."""
+    rows = [{"scenario": "ham", "method": m, "seed": s, "avg_mcr": v + 0.01 * s, "adapter_spread": 0.1}
+            for s in (0, 1) for m, v in (("dynammo", 0.80), ("acl", acl), ("der", der), ("finetune", finetune))]
+    ratios = pd.DataFrame({"tasks": [10, 10], "ACL / DynaMMo": [acl_ratio, 9.7], "DER / DynaMMo": [der_ratio, 7.9]},
+                          index=[C.PAPER_SETTING, "ours: book ResNet-18, 28 px"])
+    flat = {k: f"flat ({k})" for k in ratios.index}
+    return pd.DataFrame(rows), ratios, flat, {"ham": "avg_mcr"}
+
+
+def test_claims_are_judged_by_the_papers_criteria():
+    summary, ratios, flat, metric = _claim_frames()
+    judged = {c.id: c for c in C.judge_claims(summary, ratios, flat, metric, 28, evidence=True)}
+    assert judged["gflops-vs-acl"].verdict == "supported" and judged["gflops-vs-acl"].ours == 9.6
+    assert judged["gflops-vs-der"].verdict == "not supported"                 # 6.9 < 0.8 x 10
+    assert judged["flat-cost"].verdict == "supported"
+    assert judged["drop-vs-acl"].verdict == "supported" and judged["drop-vs-acl"].ours == pytest.approx(2.0)
+    assert judged["drop-vs-der"].verdict == "supported"                       # 4 points <= 2 x 2.76
+    assert judged["beats-finetune"].verdict == "supported"
+    summary, ratios, flat, metric = _claim_frames(acl=0.90, finetune=0.85, acl_ratio=7.0)
+    judged = {c.id: c for c in C.judge_claims(summary, ratios, flat, metric, 28, evidence=True)}
+    assert judged["gflops-vs-acl"].verdict == "not supported"
+    assert judged["drop-vs-acl"].verdict == "not supported"                   # 10 points > 5.52
+    assert judged["beats-finetune"].verdict == "not supported"
+    text = C.verdict_summary(list(judged.values()), summary, ratios, metric, 2, 15, evidence=True)
+    assert "does not hold" in text and "not supported at our scale" in text
+
+
+def test_smoke_accuracies_decide_nothing():
+    summary, ratios, flat, metric = _claim_frames()
+    judged = C.judge_claims(summary, ratios, flat, metric, 28, evidence=False)
+    by_id = {c.id: c for c in judged}
+    assert {by_id[k].verdict for k in ("drop-vs-acl", "drop-vs-der", "beats-finetune")} == {"inconclusive"}
+    assert by_id["gflops-vs-acl"].verdict == "supported"
+    assert "not tested in the smoke profile" in C.verdict_summary(judged, summary, ratios, metric, 1, 4, False)
+    assert list(C.claims_table(judged).columns[:4]) == ["claim", "paper_value", "ours", "verdict"]
 
 
 def test_bad_names_are_clear_errors():
     with pytest.raises(ValueError, match="unknown method 'icarl'; valid: dynammo, acl, der"):
-        D.check_method("icarl")
+        check_method("icarl")
     with pytest.raises(ValueError, match="unknown scenario 'skin9'"):
-        D.load_scenario("skin9", "smoke")
+        load_scenario("skin9", "smoke")
     with pytest.raises(ValueError, match="task_sizes"):
-        D.grouped_scenario(type("X", (), {"num_classes": 4})(), (2, 3))
+        grouped_scenario(type("X", (), {"num_classes": 4})(), (2, 3))
 
 
 def test_paper_profile_scenarios_and_class_order():
-    assert D.pycil_class_order(100)[:10] == [68, 56, 78, 8, 23, 84, 90, 65, 74, 76]
+    assert pycil_class_order(100)[:10] == [68, 56, 78, 8, 23, 84, 90, 65, 74, 76]
     assert D.SCENARIOS["path16"]["task_sizes"] == (2, 2, 2, 2, 4, 2, 2)
     assert (D.SCENARIOS["skin8"]["memory"], D.SCENARIOS["path16"]["memory"], D.SCENARIOS["cifar100"]["memory"]) == (40, 80, 2000)
     p = D.PROFILES["paper"]
     assert (p["stage1_epochs"], p["stage1_milestones"], p["stage1_lr"], p["batch_size"]) == (200, [70, 130, 170], 0.01, 32)
-    assert D.stage2_schedule(p, "cifar100") == (50, [15, 35]) and D.stage2_schedule(p, "skin8") == (100, [55, 80])
+    assert stage2_schedule(p, "cifar100") == (50, [15, 35]) and stage2_schedule(p, "skin8") == (100, [55, 80])
 
 
 @pytest.mark.timeout(900)
@@ -297,7 +360,7 @@ def test_paper_profile_takes_one_step_of_each_stage_at_224px():
     settings = dict(D.PROFILES["paper"], train_steps=1, head_steps=1)
     sc = tiny_scenario(n_per_class=2, classes=4, tasks=2, size=224)
     backbone = build_backbone("resnet18", scale="paper", image_size=224).eval()
-    res = D.run_dynammo_method("dynammo", sc, "paper", 1993, settings, backbone=backbone, checkpoint=False)
+    res = run_dynammo_method("dynammo", sc, "paper", 1993, settings, backbone=backbone, checkpoint=False)
     assert np.asarray(res.R).shape == (2, 2)
     assert res.gflops == pytest.approx(5.2257, abs=1e-3)            # one merged pass at 224 px
     assert res.extra["params_per_task"][0] == 11_176_512 + 1_625_092 + (512 * 3 + 3)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from timm.models.resnet import BasicBlock, ResNet
 
-from cmm_utils.papers.medmerge import method as mm
+from cmm_utils.papers.medmerge import claims as mc, method as mm, profiles as prof, sources as src, tables as tab, training as tr
 from cmm_utils.core.data import LabeledImages
 from cmm_utils.papers.medmerge.kernel_merge import KernelMergedConv2d
 from cmm_utils.core.models import Classifier, build_backbone
@@ -35,32 +35,34 @@ PROBE_CFG = {"lp_epochs": 1, "lp_lr": 1e-2, "w_lr": 0.05, "batch_size": 8, "opti
 
 
 def test_configure_applies_parameters_and_rejects_bad_values(tmp_path):
-    cfg = mm.configure("cpu", 3)
-    assert cfg["seeds"] == (3, 4, 5) and len(cfg["runs"]) == 3
-    one = mm.configure("cpu", 0, target=str(tmp_path / "x.npz"), backbone="resnet18", source_medical="pathmnist_1k")
+    cfg = prof.configure("cpu", 3)
+    assert cfg["seed_list"] == (3, 4, 5) and cfg["seeds"] == 3 and len(cfg["runs"]) == 3
+    one = prof.configure("cpu", 0, target=str(tmp_path / "x.npz"), backbone="resnet18", source_medical="pathmnist_1k")
     assert one["runs"] == (("resnet18", "pathmnist_1k", str(tmp_path / "x.npz")),)
-    paper = mm.configure("paper")
+    paper = prof.configure("paper")
     assert {r[2] for r in paper["runs"]} == {"isic2019", "aptos2019"}
     assert {r[0] for r in paper["runs"]} == {"densenet121", "resnet50"}
     assert dict((t, m) for _, m, t in paper["runs"]) == {"isic2019": "ham10000_full", "aptos2019": "eyepacs"}
-    small = mm.configure("smoke", max_per_split=10)
-    assert len(mm.load_target("pathmnist_1k", 0, small).train) == 10
-    assert len(mm.load_target("pathmnist_1k", 0, small, max_per_split=None).train) > 500  # sources: uncapped
+    small = prof.configure("smoke", max_per_split=10)
+    assert len(src.load_target("pathmnist_1k", 0, small).train) == 10
+    assert len(src.load_target("pathmnist_1k", 0, small, max_per_split=None).train) > 500  # sources: uncapped
     with pytest.raises(ValueError, match="profile"):
-        mm.configure("gpu")
+        prof.configure("gpu")
     with pytest.raises(ValueError, match="backbone 'vit_tiny'"):
-        mm.configure("smoke", backbone="vit_tiny")
+        prof.configure("smoke", backbone="vit_tiny")
     with pytest.raises(ValueError, match="merge baseline"):
-        mm.configure("smoke", merges=("average", "fisher"))
+        prof.configure("smoke", methods=[*prof.ALWAYS_RUN, "fisher"])
+    with pytest.raises(ValueError, match="always run"):
+        prof.configure("smoke", methods=["average"])
     with pytest.raises(ValueError, match="unknown setting"):
-        mm.configure("smoke", learning_rate=1.0)
+        prof.configure("smoke", learning_rate=1.0)
     with pytest.raises(ValueError, match="unknown merge"):
-        mm.merge_models("slerp", None, None, None, {}, 0)
+        tr.merge_models("slerp", None, None, None, {}, 0)
 
 
 def test_zero_convolutions_zeroes_kernels_only():
     bb = tiny_backbone(0)
-    z = mm.zero_convolutions(bb)
+    z = src.zero_convolutions(bb)
     for (name, a), (_, b) in zip(bb.state_dict().items(), z.state_dict().items()):
         if name.endswith("weight") and a.dim() == 4:
             assert torch.count_nonzero(b) == 0 and torch.count_nonzero(a) > 0
@@ -72,7 +74,7 @@ def test_zero_convolutions_zeroes_kernels_only():
 def test_kernel_merge_probe_trains_head_and_w_only_and_collapses_exactly(learn_w):
     a, b = tiny_backbone(0), tiny_backbone(1)
     data = tiny_data()
-    plain, w = mm.kernel_merge_probe(a, b, 3, data, PROBE_CFG, seed=0, init=0.5, learn_w=learn_w)
+    plain, w = tr.kernel_merge_probe(a, b, 3, data, PROBE_CFG, seed=0, init=0.5, learn_w=learn_w)
     assert not any(isinstance(m, KernelMergedConv2d) for m in plain.modules())
     sa, sb, sp = a.state_dict(), b.state_dict(), plain.state_dict()
     moved = 0.0
@@ -91,11 +93,11 @@ def test_merge_models_give_working_networks():
     data = tiny_data(16)
     ma, mb = Classifier(tiny_backbone(0), 3), Classifier(tiny_backbone(1), 3)
     cfg = {"wm_iters": 5, "match_images": 16, "zipit_alpha": 0.3, "zipit_beta": 0.125}
-    for method in mm.MERGES:
-        merged = mm.merge_models(method, ma, mb, data, cfg, seed=0)
-        scores = mm.evaluate(merged, data)
+    for method in prof.MERGES:
+        merged = tr.merge_models(method, ma, mb, data, cfg, seed=0)
+        scores = tr.evaluate(merged, data)
         assert 0 <= scores["accuracy"] <= 1 and np.isnan(scores["kappa"])
-    avg = mm.merge_models("average", ma, mb, data, cfg, seed=0).state_dict()
+    avg = tr.merge_models("average", ma, mb, data, cfg, seed=0).state_dict()
     k = "backbone.layer1.0.conv1.weight"
     assert torch.allclose(avg[k], (ma.state_dict()[k] + mb.state_dict()[k]) / 2)
 
@@ -103,22 +105,22 @@ def test_merge_models_give_working_networks():
 def test_paper_profile_builds_and_runs_one_probe_step_at_224px():
     """The paper profile's backbones (random init instead of ImageNet weights) and one step of the
     kernel-weight linear probe on two 224 px images; a guard against rot of the GPU path."""
-    cfg = dict(mm.configure("paper"), max_steps=1, batch_size=2)
+    cfg = dict(prof.configure("paper"), max_steps=1, batch_size=2)
     data = tiny_data(n=2, size=cfg["image_size"], classes=2)
     for arch in sorted({r[0] for r in cfg["runs"]}):
         a = build_backbone(arch, scale="paper", image_size=224)
         b = build_backbone(arch, scale="paper", image_size=224)
-        plain, w = mm.kernel_merge_probe(a, b, 8, data, cfg, seed=0)
+        plain, w = tr.kernel_merge_probe(a, b, 8, data, cfg, seed=0)
         assert len(w) == sum(isinstance(m, torch.nn.Conv2d) for m in a.modules())
         assert plain(torch.zeros(1, 3, 224, 224)).shape == (1, 8)
 
 
 def _tiny_run(monkeypatch, cache, npz):
     monkeypatch.setenv("CMM_CACHE", str(cache))
-    cfg = mm.configure("smoke", 0, target="retinamnist", source_natural=str(npz), source_medical="pathmnist_1k",
+    cfg = prof.configure("smoke", 0, target="retinamnist", source_natural=str(npz), source_medical="pathmnist_1k",
                        max_per_split=32, source_max_per_split=48, match_images=16, wm_iters=3)
     cfg["max_steps"] = 2
-    out = mm.run_experiment("resnet18", "pathmnist_1k", "retinamnist", 0, cfg, ablations=mm.ABLATIONS[3:], verbose=False)
+    out = mm.run_experiment("resnet18", "pathmnist_1k", "retinamnist", 0, cfg, ablations=prof.ABLATIONS[3:], verbose=False)
     return pd.DataFrame(out["results"]), pd.DataFrame(out["weights"])
 
 
@@ -141,15 +143,15 @@ def test_gaps_and_judgement():
     for s in range(3):
         for m, f1 in (("ft_natural", 0.50), ("ft_medical", 0.55), ("medmerge", 0.58 + 0.01 * s)):
             rows.append({"arch": "r", "target": "t", "seed": s, "method": m, "macro_f1": f1})
-    g = mm.gaps(pd.DataFrame(rows), "medmerge", mm.FT_BASELINES)
-    assert g.loc[0, "best baseline"] == mm.METHOD_LABELS["ft_medical"]
+    g = tab.gaps(pd.DataFrame(rows), "medmerge", prof.FT_BASELINES)
+    assert g.loc[0, "best baseline"] == prof.METHOD_LABELS["ft_medical"]
     assert abs(g.loc[0, "gap (points)"] - 4.0) < 1e-9 and g.loc[0, "seeds won"] == 3
-    assert mm.judge(g) is True
+    assert mc.judge(g) is True
     g.loc[0, "gap (points)"] = -1.0
-    assert mm.judge(g) is False
-    assert mm.judge(g.iloc[:0]) is None
+    assert mc.judge(g) is False
+    assert mc.judge(g.iloc[:0]) is None
     g.loc[0, "seeds"] = 1
-    assert mm.judge(g) is None  # one seed supports nothing
+    assert mc.judge(g) is None  # one seed supports nothing
 
 
 @pytest.mark.timeout(900)
@@ -168,3 +170,59 @@ def test_notebook_runs_on_an_unseen_dataset(tmp_path, unseen_npz, monkeypatch):
     table = pd.read_csv(res / "results.csv")
     assert set(table["target"]) == {"digits_unseen"}
     assert (res / "plane_medmerge.npz").exists() and (res / "kernel_weights.csv").exists()
+
+
+def test_profiles_pass_the_common_schema():
+    from cmm_utils.core.profiles import check_table
+    check_table("medmerge", prof.PROFILES)
+    for row in prof.PROFILES.values():
+        assert all(prof.parse_benchmark(b) for b in row["benchmarks"]) and set(row["methods"]) <= set(prof.METHODS)
+    assert prof.parse_benchmark("resnet18:ham10000->/x/y.npz") == ("resnet18", "ham10000", "/x/y.npz")
+    with pytest.raises(ValueError, match="benchmark"):
+        prof.parse_benchmark("resnet18-ham10000")
+
+
+def test_run_returns_a_one_task_result_and_reads_the_cache_the_second_time(tmp_path, monkeypatch):
+    from cmm_utils.core.continual import ContinualResult
+    monkeypatch.setenv("CMM_RESULTS", str(tmp_path / "results"))
+    calls = []
+
+    def fake_experiment(arch, medical, target, seed, cfg, **kw):
+        calls.append((arch, medical, target, seed))
+        rows = [{"arch": arch, "medical": medical, "target": target, "seed": seed, "method": m, "stage": "final",
+                 "accuracy": 0.5, "macro_f1": 0.4, "kappa": float("nan")} for m in ("ft_natural", "medmerge")]
+        return {"results": rows, "weights": [], "states": {}, "mean_class_recall": {"ft_natural": 0.3, "medmerge": 0.35}}
+
+    monkeypatch.setattr(mm, "run_experiment", fake_experiment)
+    first = mm.run("medmerge", "resnet18:ham10000->retinamnist", "smoke", 0)
+    assert isinstance(first, ContinualResult) and first.R == [[0.5]] and first.acc_seen == [0.5]
+    assert first.extra["mean_class_recall"] == 0.35 and first.extra["macro_f1"] == 0.4
+    again = mm.run("medmerge", "resnet18:ham10000->retinamnist", "smoke", 0)
+    other = mm.run("ft_natural", "resnet18:ham10000->retinamnist", "smoke", 0)  # cached by the first call
+    assert len(calls) == 1 and again.extra["mean_class_recall"] == 0.35 and other.extra["mean_class_recall"] == 0.3
+    assert np.isnan(again.extra["kappa"])  # not graded: no kappa
+    with pytest.raises(ValueError, match="unknown method"):
+        mm.run("slerp", "resnet18:ham10000->retinamnist", "smoke", 0)
+
+
+def _claim_inputs(medmerge_f1):
+    rows = []
+    for s in range(3):
+        for m, f1 in (("ft_natural", 0.50), ("ft_medical", 0.55), ("lpft_natural", 0.5), ("lpft_medical", 0.5),
+                      ("average", 0.3), ("zeros", 0.45), ("medmerge", medmerge_f1 + 0.01 * s)):
+            rows.append({"arch": "r", "target": "t", "medical": "h", "seed": s, "method": m, "stage": "final",
+                         "macro_f1": f1, "accuracy": f1, "kappa": float("nan")})
+    results = pd.DataFrame(rows)
+    weights = pd.DataFrame([{"arch": "r", "seed": s, "variant": v, "depth": d, "mean_w": 0.5 + 0.01 * d, "std_w": 0.1,
+                             "target": "t"} for s in range(3) for v in ("medmerge", "zeros") for d in range(3)])
+    depth = tab.depth_summary(weights)
+    return mc.judge_claims(results, tab.gap_tables(results, ["average"]), depth,
+                           tab.largest_layer_shift(weights, 0.5), 0.5, 2.0, 0.5)
+
+
+def test_claims_supported_and_not_supported_on_hand_made_frames():
+    good = {c.id: c.verdict for c in _claim_inputs(0.60)}
+    assert good["macro_f1_vs_fine-tuning"] == "supported" and good["medical_source_helps"] == "supported"
+    assert good["open_choices"] == "supported" and good["layer_patterns"] == "inconclusive"
+    bad = {c.id: c.verdict for c in _claim_inputs(0.40)}
+    assert bad["macro_f1_vs_fine-tuning"] == "not supported" and bad["macro_f1_vs_lp-ft"] == "not supported"

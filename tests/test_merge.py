@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmm_utils.merging import kernels as M
+from cmm_utils import merging as M
 from cmm_utils.merging import registry as R
 from cmm_utils.merging import streaming as MS
 

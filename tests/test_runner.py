@@ -4,13 +4,18 @@ import pytest
 from cmm_utils import runner
 
 
-@pytest.mark.parametrize("claim, mark", [
-    ({"supported": True, "paper_value": 10, "ours": 9.6}, "yes"),
-    ({"supported": False, "paper_value": 10, "ours": 6.9}, "**no**"),
-    ({"supported": None, "paper_value": 77.04, "ours": None}, "not tested here"),
-    ({"supported": None, "paper_value": "x", "ours": "not run here: needs a GPU"}, "not tested here"),
-    ({"supported": None, "paper_value": "up to +7", "ours": "-1.1 to +6.7"}, "mixed / inconclusive"),
-    ({"supported": None, "paper_value": None, "ours": 9.68}, "no paper value (ours for reference)"),
-])
-def test_a_tested_claim_without_a_verdict_is_mixed_not_untested(claim, mark):
-    assert runner.verdict_mark(claim) == mark
+@pytest.mark.parametrize("verdict, mark", [("supported", "yes"), ("not supported", "**no**"),
+                                           ("inconclusive", "inconclusive"), ("not testable here", "not testable here"),
+                                           ("not run", "not run")])
+def test_front_page_marks_follow_the_verdict_words(verdict, mark):
+    assert runner.verdict_mark({"claim": "c", "verdict": verdict}) == mark
+
+
+def test_an_unknown_verdict_is_an_error_naming_the_valid_ones():
+    with pytest.raises(ValueError, match="'probably'.*supported, not supported, inconclusive"):
+        runner.verdict_mark({"claim": "c", "verdict": "probably"})
+
+
+def test_machine_names_cpu_torch_and_threads():
+    m = runner.machine()
+    assert {"cpu", "torch", "threads", "cores"} <= set(m) and m["threads"] >= 1

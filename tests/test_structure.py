@@ -80,3 +80,19 @@ def test_a_paper_imports_no_other_paper(paper):
 def test_no_module_past_one_readers_reach():
     long = {module_name(f): n for f in PKG.rglob("*.py") if (n := len(f.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+HIDDEN = {"hide-input", "remove-input", "remove-cell"}
+MAX_VISIBLE_CODE_LINES = 40
+
+
+@pytest.mark.parametrize("notebook", ["magmax", "cmm", "dynammo", "medmerge", "leaderboard"])
+def test_chapters_show_little_code(notebook):
+    """The rendered chapter shows the claim, setup, figures, tables and verdict; orchestration
+    cells are collapsed (``hide-input``). The browser test counts the same on the built page."""
+    import json
+
+    nb = json.loads((PKG.parent / "notebooks" / f"{notebook}.ipynb").read_text())
+    visible = sum(len("".join(c["source"]).rstrip("\n").splitlines()) for c in nb["cells"]
+                  if c["cell_type"] == "code" and not HIDDEN & set(c.get("metadata", {}).get("tags", [])))
+    assert visible <= MAX_VISIBLE_CODE_LINES, f"{notebook}: {visible} visible code lines"

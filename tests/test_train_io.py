@@ -7,7 +7,7 @@ from cmm_utils.core.data import LabeledImages
 from cmm_utils.core.io import (atomic_path, cached_state, config_key, load_meta, load_state, save_state, strip_prefix,
                                with_prefix)
 from cmm_utils.core.profiles import check_profile, select
-from cmm_utils.core.train import FitConfig, fit, lr_factor, make_optimizer, predict, seed_everything
+from cmm_utils.core.train import DivergedError, FitConfig, fit, lr_factor, make_optimizer, predict, seed_everything
 
 
 def toy_data(n=64, seed=0):
@@ -143,3 +143,55 @@ def test_relative_root_variables_are_anchored_where_cmm_utils_is_first_imported(
     assert os.environ["CMM_DATA"] == str((tmp_path / ".." / "data").resolve())
     assert os.environ["CMM_CACHE"] == str(tmp_path / "cache")
     assert os.environ["CMM_RESULTS"] == "/already/absolute"
+
+
+def nan_at(step: int, *, poison_weights: bool = False):
+    """A cross-entropy loss that returns NaN at call ``step`` (0-based), or, with
+    ``poison_weights``, stays finite but writes NaN into the weights at that call."""
+    calls = []
+
+    def loss(model, x, y):
+        calls.append(1)
+        value = torch.nn.functional.cross_entropy(model(x), y)
+        if len(calls) - 1 == step:
+            if poison_weights:
+                with torch.no_grad():
+                    model[1].weight[0, 0] = float("nan")
+            else:
+                value = value * float("nan")
+        return value
+    return loss
+
+
+def test_nan_loss_stops_fit_naming_desc_step_and_lr():
+    cfg = FitConfig(epochs=3, lr=0.05, batch_size=16, optimizer="sgd", schedule="constant")
+    with pytest.raises(DivergedError, match=r"^magmax task 2: loss is nan at step 3 of 12 \(0-based; lr 0.05\); "
+                                            r"the run diverged and nothing of it is cached") as err:
+        fit(toy_model(), toy_data(), cfg, loss_fn=nan_at(3), desc="magmax task 2")
+    assert isinstance(err.value, RuntimeError)
+
+
+def test_lr_in_the_message_is_the_scheduled_one():
+    cfg = FitConfig(epochs=1, lr=0.1, batch_size=16, schedule="warmup_cosine", warmup_steps=10)
+    with pytest.raises(DivergedError, match=r"step 1 of 4 \(0-based; lr 0.02\)"):
+        fit(toy_model(), toy_data(), cfg, loss_fn=nan_at(1), desc="cmm task 0")
+
+
+def test_non_finite_weights_stop_fit_at_the_end():
+    """The last update poisons the weights with a finite loss: the end-of-epoch check catches it."""
+    cfg = FitConfig(epochs=1, lr=0.05, batch_size=16, max_steps=2)
+    with pytest.raises(DivergedError, match=r"dynammo task 1: 1 of 2 parameter tensors hold NaN/inf after step 2 of 2"):
+        fit(toy_model(), toy_data(), cfg, loss_fn=nan_at(1, poison_weights=True), desc="dynammo task 1")
+
+
+def test_diverged_compute_leaves_no_cached_state(tmp_path):
+    path = tmp_path / "task.safetensors"
+
+    def train():
+        model = toy_model()
+        fit(model, toy_data(), FitConfig(epochs=1, batch_size=16), loss_fn=nan_at(0), desc="medmerge source")
+        return model.state_dict(), {}
+
+    with pytest.raises(DivergedError, match="medmerge source"):
+        cached_state(path, train)
+    assert not path.exists() and not path.with_suffix(".json").exists()

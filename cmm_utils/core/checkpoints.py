@@ -29,12 +29,23 @@ class Resumed:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-class TaskCheckpoints:
-    """Checkpoints named ``<name>-task<t>`` under ``directory`` (``None``: keep nothing)."""
+KEEP = ("latest", "all")
 
-    def __init__(self, directory: Path | str | None, name: str):
+
+class TaskCheckpoints:
+    """Checkpoints named ``<name>-task<t>`` under ``directory`` (``None``: keep nothing).
+
+    ``keep="latest"`` (the default) holds the last finished task only: enough for a run whose state
+    after task ``t`` carries everything (a merged model, a memory). ``keep="all"`` holds one file per
+    task, for a method that needs every task's weights at the end (MagMax merges every ``τ_t``).
+    """
+
+    def __init__(self, directory: Path | str | None, name: str, keep: str = "latest"):
+        if keep not in KEEP:
+            raise ValueError(f"unknown keep={keep!r}; valid: {', '.join(KEEP)}")
         self.directory = None if directory is None else Path(directory)
         self.name = name
+        self.keep = keep
 
     def path(self, task: int) -> Path:
         return self.directory / f"{self.name}-task{task}.safetensors"
@@ -46,27 +57,48 @@ class TaskCheckpoints:
         found = [p for p in self.directory.glob(f"{prefix}*.safetensors") if p.stem[len(prefix):].isdigit()]
         return sorted(found, key=lambda p: int(p.stem[len(prefix):]))
 
+    def load(self, task: int) -> Resumed | None:
+        """Task ``task``'s checkpoint, or ``None`` when it is missing or damaged (then removed, with
+        a warning, so it is recomputed)."""
+        if self.directory is None:
+            return None
+        path = self.path(task)
+        if not path.exists():
+            return None
+        try:
+            meta = load_meta(path)
+            if meta.get("tasks") != task + 1:
+                raise ValueError(f"sidecar says tasks={meta.get('tasks')!r}, file is task {task}")
+            return Resumed(task + 1, load_state(path), meta)
+        except (OSError, ValueError, SafetensorError) as err:  # JSONDecodeError is a ValueError
+            warnings.warn(f"ignoring damaged checkpoint {path} ({type(err).__name__}: {err}); recomputing",
+                          RuntimeWarning, stacklevel=3)
+            path.unlink(missing_ok=True)
+            path.with_suffix(".json").unlink(missing_ok=True)
+            return None
+
     def latest(self) -> Resumed:
+        """What the last readable checkpoint holds (``Resumed()``: start afresh)."""
         for path in reversed(self._saved()):
-            task = int(path.stem[len(self.name) + 5:])
-            try:
-                meta = load_meta(path)
-                if meta.get("tasks") != task + 1:
-                    raise ValueError(f"sidecar says tasks={meta.get('tasks')!r}, file is task {task}")
-                return Resumed(task + 1, load_state(path), meta)
-            except (OSError, ValueError, SafetensorError) as err:  # JSONDecodeError is a ValueError
-                warnings.warn(f"ignoring damaged checkpoint {path} ({type(err).__name__}: {err}); recomputing",
-                              RuntimeWarning, stacklevel=2)
-                path.unlink(missing_ok=True)
-                path.with_suffix(".json").unlink(missing_ok=True)
+            found = self.load(int(path.stem[len(self.name) + 5:]))
+            if found is not None:
+                return found
         return Resumed()
 
+    def clear(self) -> None:
+        """Remove every checkpoint of the run (after its result is cached)."""
+        for path in self._saved():
+            path.unlink(missing_ok=True)
+            path.with_suffix(".json").unlink(missing_ok=True)
+
     def save(self, task: int, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> None:
-        """Atomically save task ``task``'s checkpoint, then drop the run's older ones."""
+        """Atomically save task ``task``'s checkpoint, then (``keep="latest"``) drop the older ones."""
         if self.directory is None:
             return
         path = self.path(task)
         save_state(path, tensors, {**(meta or {}), "tasks": task + 1})
+        if self.keep == "all":
+            return
         for old in self._saved():
             if old != path:
                 old.unlink(missing_ok=True)

@@ -14,7 +14,6 @@ tasks ``0..t`` (sample-weighted). After the last task this is MagMax's "accuracy
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from cmm_utils.core.data import LabeledImages, Scenario
-from cmm_utils.core.io import config_key, results_dir, write_json
+from cmm_utils.core.io import DamagedFile, cache_lock, config_key, read_json, results_dir, warn_damaged, write_json
 from cmm_utils.core.metrics import (average_incremental_accuracy, backward_transfer, final_average_accuracy, forgetting,
                                     mean_class_recall)
 from cmm_utils.core.train import predict
@@ -174,16 +173,44 @@ def cache_path(profile: str, chapter: str, config: Mapping) -> Path:
 
 
 def cached_run(profile: str, chapter: str, config: Mapping, run: Callable[[], ContinualResult]) -> ContinualResult:
-    """Return the cached result for ``config`` or run, save (atomically) and return it."""
+    """Return the cached result for ``config`` or run, save (atomically) and return it.
+
+    One process runs a configuration: concurrent callers wait on a lock beside the JSON, then read
+    it. A damaged entry (half-written, unparsable, or storing another configuration: a stale file
+    or a key collision) is recomputed with a ``RuntimeWarning``; a run that raises (e.g.
+    ``DivergedError``) leaves no file."""
     path = cache_path(profile, chapter, config)
-    if path.exists():
-        return ContinualResult(**json.loads(path.read_text())["result"])
-    result = run()
-    write_json(path, {"config": dict(config), "result": asdict(result)})
-    return result
+    with cache_lock(path):
+        found = _read_cached_run(path, config) if path.exists() else None
+        if found is not None:
+            return found
+        result = run()
+        write_json(path, {"config": dict(config), "result": asdict(result)})
+        return result
+
+
+def _read_cached_run(path: Path, config: Mapping) -> ContinualResult | None:
+    """The result stored at ``path`` for ``config``; None, with a warning, when it is damaged."""
+    try:
+        stored = read_json(path)
+        # compared as the key hashes them: tuples read back as lists, NaN as NaN
+        if not isinstance(stored, dict) or config_key(stored.get("config"), 64) != config_key(dict(config), 64):
+            raise DamagedFile(f"{path}: stores another configuration than the one asked for (stale or a key collision)")
+        return ContinualResult(**stored["result"])
+    except (DamagedFile, KeyError, TypeError) as err:
+        warn_damaged(path, err)
+        return None
 
 
 def load_cached_runs(profile: str, chapter: str) -> list[dict]:
-    """Every cached run of a chapter as ``{"config": ..., "result": ...}`` (the leaderboard's input)."""
-    folder = results_dir(profile, chapter) / "runs"
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    """Every cached run of a chapter as ``{"config": ..., "result": ...}`` (the leaderboard's input);
+    a damaged file is skipped with a warning, temporary files of a write in progress are ignored."""
+    out = []
+    for p in sorted((results_dir(profile, chapter) / "runs").glob("*.json")):
+        if p.name.startswith("."):
+            continue
+        try:
+            out.append(read_json(p))
+        except DamagedFile as err:
+            warn_damaged(p, err)
+    return out

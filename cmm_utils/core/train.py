@@ -106,6 +106,32 @@ class FitConfig:
     max_steps: int | None = None  # cap for smoke runs and one-step tests
 
 
+class DivergedError(RuntimeError):
+    """A run whose loss or weights became NaN/inf: it must never be merged, scored or cached."""
+
+
+def _lrs(opt: torch.optim.Optimizer) -> str:
+    lrs = sorted({float(g["lr"]) for g in opt.param_groups})
+    return ", ".join(f"{lr:.3g}" for lr in lrs)
+
+
+def check_finite_loss(value: float, desc: str, step: int, total: int, opt: torch.optim.Optimizer) -> None:
+    """Stop at the first non-finite loss (the value is already on the host: no extra sync)."""
+    if not math.isfinite(value):
+        raise DivergedError(f"{desc}: loss is {value} at step {step} of {total} (0-based; lr {_lrs(opt)}); "
+                            "the run diverged and nothing of it is cached. Lower the learning rate or set clip_grad")
+
+
+def check_finite_weights(params: list, desc: str, step: int, total: int, opt: torch.optim.Optimizer) -> None:
+    """Every optimised tensor finite: a finite last loss does not prove the last update was."""
+    tensors = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
+    bad = sum(int(not torch.isfinite(p.detach()).all()) for p in tensors)
+    if bad:
+        raise DivergedError(f"{desc}: {bad} of {len(tensors)} parameter tensors hold NaN/inf after step {step} of "
+                            f"{total} (lr {_lrs(opt)}); the run diverged and nothing of it is cached. Lower "
+                            "the learning rate or set clip_grad")
+
+
 @dataclass
 class FitResult:
     optimizer: torch.optim.Optimizer
@@ -122,7 +148,9 @@ def fit(model: nn.Module, data: LabeledImages, cfg: FitConfig, *, seed: int = 0,
     ``params`` restricts what is optimised (default: parameters with ``requires_grad``); it may
     also be a list of optimizer parameter groups (dicts with ``"params"`` and e.g. ``"lr"``);
     ``train_mode`` sets train/eval per module (default ``model.train()``), e.g. to keep a
-    frozen backbone's BatchNorm statistics fixed.
+    frozen backbone's BatchNorm statistics fixed. A non-finite loss (checked every step) or weight
+    (checked after every epoch) raises :class:`DivergedError` naming ``desc``, the step and the
+    learning rate, so a diverged run is never cached, merged or scored.
     """
     dev = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -142,6 +170,8 @@ def fit(model: nn.Module, data: LabeledImages, cfg: FitConfig, *, seed: int = 0,
                     break
                 x = to_float(images.to(dev), train=cfg.augment, generator=gen)
                 loss = loss_fn(model, x, labels.to(dev))
+                value = float(loss.detach())
+                check_finite_loss(value, desc, result.steps, total, opt)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip_grad:
@@ -150,10 +180,11 @@ def fit(model: nn.Module, data: LabeledImages, cfg: FitConfig, *, seed: int = 0,
                         cfg.clip_grad)
                 opt.step()
                 sched.step()
-                result.losses.append(float(loss.detach()))
+                result.losses.append(value)
                 result.steps += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
+                bar.set_postfix(loss=f"{value:.3f}")
+            check_finite_weights(params, desc, result.steps, total, opt)
     return result
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from cmm_utils.merging import kernels as k
+from cmm_utils.merging import pairwise as pw
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,11 @@ RULES: dict[str, MergeRule] = {r.name: r for r in (
     MergeRule("random", k.random_select, {"seed": 0},
               reference="MagMax's baseline: per parameter the value of a uniformly drawn task"),
     MergeRule("magmax", k.magmax, {}, reference="Marczak et al. 2024, Eq. 2: per parameter the largest |τ|"),
-    MergeRule("interpolation", k.linear_interpolation, {}, inputs="two states",
+    MergeRule("interpolation", pw.linear_interpolation, {}, inputs="two states",
               reference="(1 − α)·a + α·b, α given by the caller"),
-    MergeRule("importance-weighted", k.importance_weighted, {}, inputs="two states",
+    MergeRule("importance-weighted", pw.importance_weighted, {}, inputs="two states",
               reference="CMM (Phan et al. 2025): Adam-second-moment-weighted interpolation"),
-    MergeRule("average-adapters", k.average_adapters, {"bn_policy": "average"}, inputs="adapter states",
+    MergeRule("average-adapters", pw.average_adapters, {"bn_policy": "average"}, inputs="adapter states",
               reference="DynaMMo (Qazi et al. 2024): mean of the task adapters"),
 )}
 TASK_VECTOR_RULES = tuple(n for n, r in RULES.items() if r.inputs == "task vectors")

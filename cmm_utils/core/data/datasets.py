@@ -16,6 +16,7 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from cmm_utils.core.data.manifest import DataError, Manifest, data_root, ensure_files, get_manifest, load_manifests
 from cmm_utils.core.data.readers import (SPLITS, read_cifar_binary_tar, read_idx_gz, read_image_folder_csv, read_npz,
                                          npz_class_names)
+from cmm_utils.core.data.validate import check_label_range, good_copy_hint
 
 
 @dataclass
@@ -44,9 +45,9 @@ class DatasetSplits:
     train: LabeledImages
     val: LabeledImages
     test: LabeledImages
+    meta: dict = field(default_factory=dict)  # format, task; keyword-only in use, like licence and source
     licence: str = "unknown"
     source: str = ""
-    meta: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -93,7 +94,19 @@ def _to_tensor(images: np.ndarray, size: int | None, channels: int | None) -> to
 
 
 def _read(manifest: Manifest, root: Path, size: int | None, download: bool):
+    """The reader's arrays, checked; a bad file's error says how to get a good copy."""
     files = ensure_files(manifest, root, download=download)
+    first = next(iter(files.values()))
+    try:
+        arrays = _read_format(manifest, files, root, size)
+        if manifest.classes:
+            check_label_range(arrays, manifest.num_classes, f"dataset {manifest.name!r} ({first})")
+    except DataError as err:
+        raise DataError(f"{err}. {good_copy_hint(manifest, first)}") from err
+    return arrays
+
+
+def _read_format(manifest: Manifest, files: dict[str, Path], root: Path, size: int | None):
     if manifest.format == "npz":
         return read_npz(next(iter(files.values())), manifest.keys)
     if manifest.format == "idx_gz":
@@ -150,11 +163,7 @@ def load_dataset(name_or_path: str | Path | Manifest, *, seed: int = 0, size: in
         arrays = _read(manifest, root, size, download)
 
     splits = _assign_splits(arrays, manifest, seed)
-    classes = manifest.classes
-    if not classes:
-        names = npz_class_names(Path(text)) if text.endswith(".npz") else None
-        n = int(max(int(s[1].max()) for s in splits.values() if len(s[1])) + 1)
-        classes = tuple(names) if names and len(names) >= n else tuple(str(i) for i in range(n))
+    classes = manifest.classes or _path_classes(Path(text), splits, manifest)
     out = {}
     for split, (images, labels, groups) in splits.items():
         if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
@@ -169,6 +178,21 @@ def load_dataset(name_or_path: str | Path | Manifest, *, seed: int = 0, size: in
     return DatasetSplits(manifest.name, tuple(classes), out["train"], out["val"], out["test"],
                          licence=manifest.licence, source=manifest.homepage,
                          meta={"format": manifest.format, "task": manifest.task})
+
+
+def _path_classes(path: Path, splits, manifest: Manifest) -> tuple[str, ...]:
+    """A path's classes: the file's ``class_names`` when it has them (every label must name one),
+    else ``0..max label``."""
+    names = npz_class_names(path) if path.suffix == ".npz" else None
+    n = int(max(int(s[1].max()) for s in splits.values() if len(s[1])) + 1)
+    if names:
+        arrays = {split: (None, labels, None) for split, (_, labels, _) in splits.items()}
+        try:
+            check_label_range(arrays, len(names), f"{path} (class_names lists {len(names)})")
+        except DataError as err:
+            raise DataError(f"{err}. {good_copy_hint(manifest, path)}") from err
+        return tuple(names)
+    return tuple(str(i) for i in range(n))
 
 
 def _assign_splits(arrays, manifest: Manifest, seed: int):

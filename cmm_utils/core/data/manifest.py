@@ -180,7 +180,7 @@ def verify(path: Path, spec: FileSpec) -> None:
     raise DataError(f"checksum mismatch for {path}: md5 {found}, expected {spec.md5}"
                     + (f" (or decompressed {spec.content_md5})" if spec.content_md5 else "")
                     + ". The file is corrupt or a different version: delete it and download it again"
-                    + (f" from {spec.url}" if spec.url else "") + ".")
+                    + (f" from {spec.url}" if spec.url else "") + " (`make data` does it for the open sets).")
 
 
 def _download(url: str, dest: Path, timeout: float = 60) -> None:

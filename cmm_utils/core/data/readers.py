@@ -4,6 +4,8 @@ Every reader returns ``{split: (images uint8 [N, H, W, C], labels int64 [N], ext
 ``split`` is ``train``/``val``/``test`` or ``pool`` (one pool the splitter divides), and ``extras``
 holds per-sample string arrays (``groups`` for lesion ids, ``split`` for a split column).
 No reader unpickles anything: CIFAR is read from its binary release, npz with ``allow_pickle=False``.
+Every reader checks what it returns (:mod:`.validate`): a truncated or corrupt file, counts that
+differ, non-finite or out-of-range pixels, negative or fractional labels are a ``DataError``.
 """
 from __future__ import annotations
 
@@ -16,59 +18,37 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from cmm_utils.core.data.manifest import LABEL_ROLES
+from cmm_utils.core.data.manifest import LABEL_ROLES, DataError
+from cmm_utils.core.data.validate import check_arrays, check_images, check_labels, readable
 
 Arrays = dict[str, tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]
 SPLITS = ("train", "val", "test")
 
 
-def _labels(raw: np.ndarray, where: str) -> np.ndarray:
-    """MedMNIST labels come as (N, 1) or (N,); multi-label sets (N, K) are refused clearly."""
-    raw = np.asarray(raw)
-    if raw.ndim == 2 and raw.shape[1] == 1:
-        raw = raw[:, 0]
-    if raw.ndim != 1:
-        raise ValueError(f"{where}: labels of shape {raw.shape} are multi-label; the book's "
-                         "scenarios need one class per image (shape (N,) or (N, 1))")
-    return raw.astype(np.int64)
-
-
-def _images(raw: np.ndarray, where: str) -> np.ndarray:
-    raw = np.asarray(raw)
-    if raw.ndim == 3:                       # grey (N, H, W)
-        raw = raw[..., None]
-    if raw.ndim != 4 or raw.shape[-1] not in (1, 3):
-        raise ValueError(f"{where}: images of shape {raw.shape}; expected (N, H, W), (N, H, W, 1) or (N, H, W, 3)")
-    if raw.dtype != np.uint8:
-        scale = 255.0 if raw.max() <= 1.0 else 1.0
-        raw = np.clip(raw * scale, 0, 255).astype(np.uint8)
-    return raw
-
-
 def read_npz(path: Path, keys: dict[str, str] | None = None) -> Arrays:
     """MedMNIST layout (``{split}_images``/``{split}_labels``) or one pool (``images``/``labels``)."""
-    with np.load(path, allow_pickle=False) as data:
+    with readable(path, "npz"), np.load(path, allow_pickle=False) as data:
         files = set(data.files)
         keys = dict(keys or {})
         out: Arrays = {}
         for split in SPLITS:
             ik, lk = keys.get(f"{split}_images", f"{split}_images"), keys.get(f"{split}_labels", f"{split}_labels")
             if ik in files and lk in files:
-                out[split] = (_images(data[ik], f"{path}:{ik}"), _labels(data[lk], f"{path}:{lk}"), {})
-        pool_images = keys.get("images", "images")
+                out[split] = (check_images(data[ik], f"{path}:{ik}"), check_labels(data[lk], f"{path}:{lk}"), {})
+        pool_images, pool_labels = keys.get("images", "images"), keys.get("labels", "labels")
         if not out and pool_images in files:
             extras = {name: np.asarray(data[keys[name]]).astype(str)
                       for name in ("groups", "split") if name in keys}
-            out["pool"] = (_images(data[pool_images], f"{path}:{pool_images}"),
-                           _labels(data[keys.get("labels", "labels")], f"{path}:labels"), extras)
+            out["pool"] = (check_images(data[pool_images], f"{path}:{pool_images}"),
+                           check_labels(data[pool_labels], f"{path}:{pool_labels}"), extras)
         if not out:
-            raise ValueError(f"{path}: no image arrays found. Keys present: {sorted(files)}; expected "
-                             "MedMNIST keys train_images/train_labels (val_, test_ optional) or images/labels")
-        return out
+            raise DataError(f"{path}: no image arrays found. Keys present: {sorted(files)}; expected "
+                            "MedMNIST keys train_images/train_labels (val_, test_ optional) or images/labels")
+        return check_arrays(out, str(path))
 
 
 def npz_class_names(path: Path) -> list[str] | None:
-    with np.load(path, allow_pickle=False) as data:
+    with readable(path, "npz"), np.load(path, allow_pickle=False) as data:
         for key in ("class_names", "label_names"):
             if key in data.files:
                 return [str(c) for c in data[key]]
@@ -76,18 +56,20 @@ def npz_class_names(path: Path) -> list[str] | None:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    with readable(path, "gzipped idx"):
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+        ndim = raw[3]
+        shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def read_idx_gz(files: dict[str, Path]) -> Arrays:
     """The MNIST/Fashion-MNIST idx format, gzipped, one file per role."""
-    return {split: (_images(_read_idx(files[f"{split}_images"]), str(files[f"{split}_images"])),
-                    _read_idx(files[f"{split}_labels"]).astype(np.int64), {})
-            for split in ("train", "test") if f"{split}_images" in files}
+    out = {split: (check_images(_read_idx(files[f"{split}_images"]), str(files[f"{split}_images"])),
+                   check_labels(_read_idx(files[f"{split}_labels"]), str(files[f"{split}_labels"])), {})
+           for split in ("train", "test") if f"{split}_images" in files}
+    return check_arrays(out, str(files.get("train_images", next(iter(files.values())))))
 
 
 def read_cifar_binary_tar(path: Path) -> Arrays:
@@ -96,19 +78,20 @@ def read_cifar_binary_tar(path: Path) -> Arrays:
     label_bytes, fine = (2, 1) if is_100 else (1, 0)
     record = label_bytes + 3072
     parts: dict[str, list[bytes]] = {"train": [], "test": []}
-    with tarfile.open(path, "r:gz") as tar:
-        for member in sorted(tar.getmembers(), key=lambda m: m.name):
-            name = Path(member.name).name
-            if not name.endswith(".bin") or "meta" in name:
-                continue
-            split = "test" if "test" in name else "train"
-            parts[split].append(tar.extractfile(member).read())
-    out: Arrays = {}
-    for split, blobs in parts.items():
-        raw = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(-1, record)
-        images = raw[:, label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        out[split] = (np.ascontiguousarray(images), raw[:, fine].astype(np.int64), {})
-    return out
+    with readable(path, "CIFAR binary tar.gz"):
+        with tarfile.open(path, "r:gz") as tar:
+            for member in sorted(tar.getmembers(), key=lambda m: m.name):
+                name = Path(member.name).name
+                if not name.endswith(".bin") or "meta" in name:
+                    continue
+                split = "test" if "test" in name else "train"
+                parts[split].append(tar.extractfile(member).read())
+        out: Arrays = {}
+        for split, blobs in parts.items():
+            raw = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(-1, record)
+            images = raw[:, label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            out[split] = (np.ascontiguousarray(images), raw[:, fine].astype(np.int64), {})
+    return check_arrays(out, str(path))
 
 
 def read_image_folder_csv(files: dict[str, Path], images_dir: Path, columns: dict[str, Any],
@@ -135,7 +118,9 @@ def read_image_folder_csv(files: dict[str, Path], images_dir: Path, columns: dic
         if missing:
             raise FileNotFoundError(f"{missing[0]} is listed in {t.path} but missing ({len(missing)} of "
                                     f"{len(t.ids)} listed images missing under {images_dir})")
-    return {split: (_decode(images[split], size, t.path), t.labels, t.extras) for split, t in tables.items()}
+    out = {split: (_decode(images[split], size, t.path), check_labels(t.labels, str(t.path)), t.extras)
+           for split, t in tables.items()}
+    return check_arrays(out, str(next(iter(files.values()))))
 
 
 def _image_file(images_dir: Path, image_id: str, extension: str) -> Path:

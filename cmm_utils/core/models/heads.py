@@ -7,6 +7,8 @@ vectors (Hoffer et al. 2018, "Fix your classifier").
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,14 +20,30 @@ class FrozenHead(nn.Module):
     CLIP's zero-shot head has this form (``ClassificationHead`` with ``normalize=True``); the book's
     ``fixed`` head uses seeded orthonormal class vectors instead of text embeddings (see module doc).
     ``W`` is a buffer: never trained, never merged.
+
+    With ``scale`` given (CMM's head), the rows are normalised at every forward and the logits are
+    ``scale · cos(f, w_c)``: the rows may then be set task by task (:meth:`set_rows`, :meth:`unset`),
+    rows not set yet are 0 (logit 0). The two forms are kept apart because they round differently.
     """
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, scale: float | None = None):
         super().__init__()
         self.register_buffer("weight", weight.detach().float().clone())
+        self.scale = None if scale is None else float(scale)
+
+    @classmethod
+    def unset(cls, num_classes: int, dim: int, scale: float) -> "FrozenHead":
+        """A cosine head over ``num_classes`` classes whose rows are all still 0."""
+        return cls(torch.zeros(num_classes, dim), scale)
+
+    @torch.no_grad()
+    def set_rows(self, classes: Sequence[int], weights: torch.Tensor) -> None:
+        self.weight[list(classes)] = weights.to(self.weight)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(features, dim=-1) @ self.weight.t()
+        if self.scale is None:
+            return F.normalize(features, dim=-1) @ self.weight.t()
+        return self.scale * F.normalize(features, dim=-1) @ F.normalize(self.weight, dim=-1).T
 
 
 HEADS = ("fixed", "clip")

@@ -5,7 +5,7 @@ arXiv:2509.23592 (2025), Figs. 1, 2, 4, 5 (the authors' ``finetune_splitted_line
 research note ``shared/research/magmax_cmm_code.md`` §5.2): the two-task states of a run, the
 loss/accuracy along the plain and importance-weighted interpolation paths, the t-SNE of features
 before and after the correction, and the numerical checks of the linearisation. The method itself
-is ``cmm_utils.papers.cmm.method``.
+is ``cmm_utils.papers.cmm.stages``.
 """
 from __future__ import annotations
 
@@ -17,13 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmm_utils.merging import kernels as mg
-from cmm_utils.papers.cmm.method import _debug_path, _run_parts, head_weights_fn, run_cmm_method
-from cmm_utils.papers.cmm.networks import CMMNet, CosineHead, encoder_dim, make_encoder, set_state
+from cmm_utils import merging
 from cmm_utils.core.data import LabeledImages, Scenario, Task
 from cmm_utils.core.io import load_state, strip_prefix
-from cmm_utils.papers.cmm.linearize import LinearizedModel
+from cmm_utils.core.models.heads import FrozenHead, HeadedModel
 from cmm_utils.core.train import device, predict
+from cmm_utils.papers.cmm.encoders import head_weights_fn
+from cmm_utils.papers.cmm.linearize import LinearizedModel
+from cmm_utils.papers.cmm.loop import debug_states_path
+from cmm_utils.papers.cmm.networks import encoder_dim, make_encoder, set_state
+from cmm_utils.papers.cmm.runs import run_method, run_parts
 
 
 # --------------------------------------------------------------------------- figures (compute)
@@ -34,10 +37,10 @@ def two_task_states(scenario: Scenario, profile: str, seed: int, linear: bool = 
     ``corrected`` = after the merge, before and after the correction. Computed (two tasks, resumed
     from the task-1 checkpoint) if the run did not save them."""
     method = "cmm" if linear else "cmm-no-linear"
-    cfg, *_, identity = _run_parts(method, scenario, profile, seed, None, overrides)
-    path = _debug_path(identity, cfg)
+    parts = run_parts(method, scenario, profile, seed, None, overrides)
+    path = debug_states_path(parts.identity, parts.cfg)
     if not path.exists():
-        run_cmm_method(method, scenario, profile, seed, debug=True, stop_after=2, **overrides)
+        run_method(method, scenario, profile, seed, debug=True, stop_after=2, **overrides)
     state = load_state(path)
     return {k: strip_prefix(state, k + ".") for k in ("prev", "prev_F", "new", "new_F", "merged", "corrected")}
 
@@ -57,19 +60,19 @@ def interpolation_curves(scenario: Scenario, profile: str, seed: int, grid: Sequ
     rows = []
     for linear in (True, False):
         st = two_task_states(scenario, profile, seed, linear=linear, **overrides)
-        cfg, encoder0, clip, _ = _run_parts("cmm" if linear else "cmm-no-linear", scenario, profile, seed, None, overrides)
-        head_fn = head_weights_fn(cfg, encoder0, clip, scenario)
-        enc = make_encoder(encoder0, linear).to(device())
-        head = CosineHead(scenario.num_classes, encoder_dim(encoder0), cfg.logit_scale).to(device())
+        parts = run_parts("cmm" if linear else "cmm-no-linear", scenario, profile, seed, None, overrides)
+        head_fn = head_weights_fn(parts.cfg, parts.encoder0, parts.clip, scenario)
+        enc = make_encoder(parts.encoder0, linear).to(device())
+        head = FrozenHead.unset(scenario.num_classes, encoder_dim(parts.encoder0), parts.cfg.logit_scale).to(device())
         tasks = scenario.tasks[:2]
         for task in tasks:
             head.set_rows(task.classes, head_fn(task))
-        net = CMMNet(enc, head)
+        net = HeadedModel(enc, head)
         probes = [_probe(task, images) for task in tasks]
         for path in ("plain", "importance"):
             for a in grid:
-                theta = (mg.linear_interpolation(st["prev"], st["new"], a) if path == "plain" else
-                         mg.importance_weighted(st["prev"], st["prev_F"], st["new"], st["new_F"], a)[0])
+                theta = (merging.linear_interpolation(st["prev"], st["new"], a) if path == "plain" else
+                         merging.importance_weighted(st["prev"], st["prev_F"], st["new"], st["new_F"], a)[0])
                 set_state(enc, theta)
                 for i, (task, probe) in enumerate(zip(tasks, probes)):
                     logits = predict(net, probe)[:, list(task.classes)]
@@ -90,7 +93,7 @@ def tsne_embedding(scenario: Scenario, profile: str, seed: int, images: int = 15
     from sklearn.manifold import TSNE
 
     st = two_task_states(scenario, profile, seed, linear=True, **overrides)
-    cfg, encoder0, *_ = _run_parts("cmm", scenario, profile, seed, None, overrides)
+    encoder0 = run_parts("cmm", scenario, profile, seed, None, overrides).encoder0
     t = scenario.tasks[task]
     labels = t.train.labels
     cls = int(torch.bincount(labels).argmax())

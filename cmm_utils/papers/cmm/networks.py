@@ -1,11 +1,12 @@
-"""The networks and frozen heads of the CMM chapter (``cmm_utils.papers.cmm.method``).
+"""The networks and frozen head weights of the CMM chapter (``cmm_utils.papers.cmm.stages``).
 
 Paper: H. Phan, S. Cha, T. Tran, Q. Lei, "Toward a Holistic Approach to Continual Model Merging",
 arXiv:2509.23592 (2025), §3. The encoder with its final projection (the only tensor the
-representation correction trains), the frozen cosine head and the network around them; θ as a
-state dict; and the frozen head weights: class prototypes of θ0 (the ``cpu``/``smoke`` analogue)
-and the authors' zero-shot CLIP text heads. Why each is built the way it is: the docstring of
-``cmm_utils.papers.cmm.method`` ("Final projection", "Heads").
+representation correction trains); θ as a state dict; and the frozen head weights: class
+prototypes of θ0 (the ``cpu``/``smoke`` analogue) and the authors' zero-shot CLIP text heads. The
+frozen cosine head and the network around it are ``cmm_utils.core.models.heads.FrozenHead``
+(with ``scale``) and ``HeadedModel``. Why each is built the way it is: the docstring of
+``cmm_utils.papers.cmm.stages`` ("Final projection", "Heads").
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import copy
 from typing import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cmm_utils.core.data import LabeledImages
@@ -56,39 +56,6 @@ def encoder_dim(encoder: nn.Module) -> int:
         if hasattr(encoder, attr):
             return int(getattr(encoder, attr))
     raise ValueError(f"cannot tell the feature size of {type(encoder).__name__}")
-
-
-class CosineHead(nn.Module):
-    """Frozen ``scale · cos(z, w_c)`` over all classes of the scenario; rows are set per task.
-
-    Rows of classes not seen yet are 0 (logit 0); the evaluation masks them anyway.
-    """
-
-    def __init__(self, num_classes: int, dim: int, scale: float):
-        super().__init__()
-        self.register_buffer("weight", torch.zeros(num_classes, dim))
-        self.scale = float(scale)
-
-    @torch.no_grad()
-    def set_rows(self, classes: Sequence[int], weights: torch.Tensor) -> None:
-        self.weight[list(classes)] = weights.to(self.weight)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.normalize(z, dim=-1) @ F.normalize(self.weight, dim=-1).T
-
-
-class CMMNet(nn.Module):
-    """``head(encoder(x))``; the encoder is a :class:`LinearizedModel` or a standard network."""
-
-    def __init__(self, encoder: nn.Module, head: CosineHead):
-        super().__init__()
-        self.encoder, self.head = encoder, head
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
 
 
 def named_theta(encoder: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -14,7 +14,7 @@ ACL (Zhang et al., MICCAI 2023), whose code DynaMMo's release forks
 - A new task's adapters start as a copy of the previous task's (``load_state_dict`` warm start);
   older adapters are frozen. The backbone is frozen, BatchNorm statistics included.
 - Merge (Eq. "W̄_m = 1/T Σ_t W_t^m", the figure's "Merging" stage): the uniform average of all
-  tasks' adapters, computed **once per task** by :func:`cmm_utils.merging.kernels.average_adapters` with
+  tasks' adapters, computed **once per task** by :func:`cmm_utils.merging.average_adapters` with
   an explicit BatchNorm policy, and stored in ``merged``.
 - Inference (``inference="merged"``): **one** pass through the merged adapters; every head reads
   the same feature vector. ``inference="paths"`` is ACL: head ``t`` reads the features of task
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmm_utils.merging.kernels import average_adapters
+from cmm_utils import merging
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 INFERENCE = ("merged", "paths")
@@ -117,7 +117,7 @@ class AdapterNet(nn.Module):
     def merge(self) -> None:
         """``merged ← average_adapters(adapters[0..T-1], bn_policy)``: once per task, not per forward."""
         if len(self.adapters) and not self.merged[0].alpha.is_meta:  # meta: shapes only
-            state = average_adapters([a.state_dict() for a in self.adapters], self.bn_policy)
+            state = merging.average_adapters([a.state_dict() for a in self.adapters], self.bn_policy)
             self.merged.load_state_dict(state)
 
     # ------------------------------------------------------------------ forward

@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmm_utils.core.checkpoints import TaskCheckpoints
 from cmm_utils.core.continual import ContinualResult, gflops_per_image, seen_mask, state_bytes
 from cmm_utils.core.data import Scenario
+from cmm_utils.core.models import Classifier
+from cmm_utils.core.seeds import HEAD_STAGE, task_seed
+from cmm_utils.core.train import device, fit
 from cmm_utils.papers.dynammo.common import (Memory, concat, epoch_config, evaluate, features_with_flips, fit_on_features,
                                              label_lookup, subsample)
-from cmm_utils.core.io import load_meta, load_state, save_state
-from cmm_utils.core.models import Classifier
-from cmm_utils.core.train import device, fit
 
 
 # ------------------------------------------------------------------------ DER and single models
@@ -95,31 +96,28 @@ def single_model_runs(method: str, scenario: Scenario, backbone: nn.Module, sett
         Classifier(copy.deepcopy(backbone), C).to(dev)
     memory = Memory(budget)
     R, acc_seen, mcr, task_acc, gflops, params, seconds = [], [], [], [], [], [], []
-    start = 0
-    if checkpoint_dir is not None:
-        done = sorted(checkpoint_dir.glob(f"{method}-task*.safetensors"), key=lambda p: int(p.stem.split("task")[1]))
-        if done:
-            meta = load_meta(done[-1])
-            ck = load_state(done[-1])
-            if method == "der":
-                for t in range(meta["tasks"]):
-                    net.add_task(len(scenario.tasks[t].classes))
-                net.backbones[-1].requires_grad_(False)
-                memory = Memory.from_state(budget, ck)
-            model_state = {k[6:]: v for k, v in ck.items() if k.startswith("model.")}
-            net.load_state_dict(model_state)
-            R, acc_seen, mcr, task_acc = meta["R"], meta["acc_seen"], meta["mcr"], meta["task_acc"]
-            gflops, params, seconds = meta["gflops"], meta["params"], meta["seconds"]
-            start = meta["tasks"]
-    for t in range(start, len(scenario.tasks)):
+    checkpoints = TaskCheckpoints(checkpoint_dir, method)
+    resumed = checkpoints.latest()
+    if resumed.tasks:
+        meta, ck = resumed.meta, resumed.tensors
+        if method == "der":
+            for t in range(resumed.tasks):
+                net.add_task(len(scenario.tasks[t].classes))
+            net.backbones[-1].requires_grad_(False)
+            memory = Memory.from_state(budget, ck)
+        model_state = {k[6:]: v for k, v in ck.items() if k.startswith("model.")}
+        net.load_state_dict(model_state)
+        R, acc_seen, mcr, task_acc = meta["R"], meta["acc_seen"], meta["mcr"], meta["task_acc"]
+        gflops, params, seconds = meta["gflops"], meta["params"], meta["seconds"]
+    for t in range(resumed.tasks, len(scenario.tasks)):
         task = scenario.tasks[t]
         t0 = time.time()
-        torch.manual_seed(seed * 1000 + t)
+        torch.manual_seed(task_seed(seed, t))
         mask = seen_mask(scenario, t)
-        current = subsample(task.train, cap, seed * 1000 + t)
+        current = subsample(task.train, cap, task_seed(seed, t))
         if method == "joint":
             net = Classifier(copy.deepcopy(backbone), C).to(dev)
-            train = concat([subsample(s.train, cap, seed * 1000 + i) for i, s in enumerate(scenario.tasks[:t + 1])])
+            train = concat([subsample(s.train, cap, task_seed(seed, i)) for i, s in enumerate(scenario.tasks[:t + 1])])
         else:
             train = current
         if method == "der":
@@ -137,7 +135,7 @@ def single_model_runs(method: str, scenario: Scenario, backbone: nn.Module, sett
                     F.cross_entropy(model.aux(new), lut.to(y.device)[y])
 
             params_ = [p for p in net.parameters() if p.requires_grad]
-            fit(net, train, cfg, seed=seed * 1000 + t, params=params_, loss_fn=loss_fn, train_mode=_der_train_mode,
+            fit(net, train, cfg, seed=task_seed(seed, t), params=params_, loss_fn=loss_fn, train_mode=_der_train_mode,
                 desc=f"DER, task {t + 1}")
             net.eval()
             memory.update(net.features, current, task.classes)
@@ -151,14 +149,14 @@ def single_model_runs(method: str, scenario: Scenario, backbone: nn.Module, sett
                                     len(balanced), settings["batch_size"], optimizer="sgd",
                                     max_steps=settings["head_steps"])
                 fit_on_features(lambda f, y: F.cross_entropy(_masked(net.fc(f[0].to(dev)) / temp, mask), y.to(dev)),
-                                list(net.fc.parameters()), feats, balanced.labels, cfg2, seed * 1000 + 500 + t)
+                                list(net.fc.parameters()), feats, balanced.labels, cfg2, task_seed(seed, t, HEAD_STAGE))
             for b in net.backbones:
                 b.requires_grad_(False)
         else:
             cfg = epoch_config(settings["baseline_epochs"], settings["baseline_lr"], settings["baseline_milestones"],
                                len(train), settings["batch_size"], optimizer="sgd",
                                weight_decay=settings["stage1_weight_decay"], max_steps=settings["train_steps"])
-            fit(net, train, cfg, seed=seed * 1000 + t,
+            fit(net, train, cfg, seed=task_seed(seed, t),
                 loss_fn=lambda model, x, y, mask=mask: F.cross_entropy(_masked(model(x), mask), y),
                 desc=f"{method}, task {t + 1}")
         seconds.append(time.time() - t0)
@@ -171,13 +169,8 @@ def single_model_runs(method: str, scenario: Scenario, backbone: nn.Module, sett
             tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
             if method == "der":
                 tensors.update(memory.state())
-            path = checkpoint_dir / f"{method}-task{t}.safetensors"
-            save_state(path, tensors, {"tasks": t + 1, "R": R, "acc_seen": acc_seen, "mcr": mcr, "task_acc": task_acc,
-                                       "gflops": gflops, "params": params, "seconds": seconds})
-            for old in checkpoint_dir.glob(f"{method}-task*.safetensors"):
-                if old != path:
-                    old.unlink(missing_ok=True)
-                    old.with_suffix(".json").unlink(missing_ok=True)
+            checkpoints.save(t, tensors, {"R": R, "acc_seen": acc_seen, "mcr": mcr, "task_acc": task_acc,
+                                          "gflops": gflops, "params": params, "seconds": seconds})
     if checkpoint_dir is not None:  # finished: the caller caches the result; the weights are not needed again
         for old in checkpoint_dir.glob(f"{method}-task*.*"):
             old.unlink(missing_ok=True)
@@ -188,4 +181,5 @@ def single_model_runs(method: str, scenario: Scenario, backbone: nn.Module, sett
                            train_seconds=float(sum(seconds)),
                            extra={"mcr_seen": mcr, "task_acc_seen": task_acc, "gflops_per_task": gflops,
                                   "params_per_task": params, "seconds_per_task": seconds,
-                                  "memory_size": len(memory.data()) if method == "der" else 0})
+                                  "memory_size": len(memory.data()) if method == "der" else 0,
+                                  "mean_class_recall": float(mcr[-1])})

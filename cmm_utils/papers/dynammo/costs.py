@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from cmm_utils.papers.dynammo.adapters import AdapterNet
 from cmm_utils.core.continual import gflops_per_image
-from cmm_utils.papers.dynammo.baselines import ExpandableNet
 from cmm_utils.core.models import Classifier
+from cmm_utils.papers.dynammo.adapters import AdapterNet
+from cmm_utils.papers.dynammo.baselines import ExpandableNet
 
 
 # ------------------------------------------------------------------------------ cost as T grows
@@ -95,3 +95,38 @@ def adapter_parameters(backbone: nn.Module) -> dict[str, int]:
     net.add_task(1)
     return {"backbone": sum(p.numel() for p in backbone.parameters()),
             "adapters_per_task": sum(p.numel() for p in net.adapters[0].parameters())}
+
+
+def chapter_costs(backbone: nn.Module, image_size: int, paper_backbone: nn.Module, settings: Mapping) -> pd.DataFrame:
+    """The page's cost table: every method as ``T`` grows at our resolution (timed too) and at the
+    paper's (timm ResNet-18 at 224 px, 10 classes per task as CIFAR100), one ``setting`` column apart."""
+    ours = cost_table(backbone, image_size, settings["cost_tasks"], settings["cost_classes_per_task"],
+                      timing_tasks=settings["timing_tasks"], timing_repeats=settings["timing_repeats"],
+                      timing_batch=settings["timing_batch"])
+    paper_res = cost_table(paper_backbone, 224, max(settings["paper_res_tasks"]), 10, tasks=settings["paper_res_tasks"])
+    costs = pd.concat([ours.assign(setting=f"ours: book ResNet-18, {image_size} px"),
+                       paper_res.assign(setting="paper: timm ResNet-18, 224 px")], ignore_index=True)
+    costs["method"] = costs["method"].replace({"finetune": "finetune / joint"})
+    return costs
+
+
+def cost_growth(costs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """How cost grows with ``T`` per setting of :func:`chapter_costs`, checked: DynaMMo's is flat in
+    ``T`` (each head adds ``2·d·(n_t+1)`` FLOPs, < 0.001 GFLOPs), ACL's grows linearly, by most of a
+    network per task (the four stages and their adapters; the stem is shared). Returns the ratios
+    ACL / DynaMMo and DER / DynaMMo at the largest ``T`` and, per setting, DynaMMo's flat cost in words."""
+    flat_in_t = {}
+    for setting, part in costs.groupby("setting"):
+        dyn = part[part.method == "dynammo"].sort_values("tasks")
+        acl = part[part.method == "acl"].sort_values("tasks")
+        assert len(dyn) >= 2 and dyn["gflops"].round(3).nunique() == 1, (setting, dyn["gflops"].tolist())
+        steps = np.diff(acl["gflops"].to_numpy()) / np.diff(acl["tasks"].to_numpy())
+        assert np.allclose(steps, steps[0], rtol=1e-3), (setting, steps)          # linear in T
+        assert steps[0] > 0.5 * acl["gflops"].iloc[0], (setting, steps[0])        # most of a network per task
+        flat_in_t[setting] = f"{dyn['gflops'].iloc[0]:.3f} GFLOPs for every T ({setting})"
+    last = costs[costs.tasks == costs.groupby("setting").tasks.transform("max")]
+    at_last = last.pivot_table(index="setting", columns="method", values="gflops")
+    ratios = pd.DataFrame({"tasks": last.groupby("setting").tasks.max(),
+                           "ACL / DynaMMo": at_last["acl"] / at_last["dynammo"],
+                           "DER / DynaMMo": at_last["der"] / at_last["dynammo"]}).round(2)
+    return ratios, flat_in_t

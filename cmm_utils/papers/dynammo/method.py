@@ -10,7 +10,7 @@ The method (paper Sec. 2, figure "Adapter tuning / Merging and finetuning head";
    milestones [70, 130, 170], batch 32. At task 0 the kept head is this head.
 2. **Memory**: iCaRL herding on L2-normalised features of task ``t``'s path, a fixed total budget
    split evenly over the seen classes (old classes truncated, keeping herding order).
-3. **Merge**: ``Ā = 1/T Σ_t A_t`` (:func:`cmm_utils.merging.kernels.average_adapters`), once per task.
+3. **Merge**: ``Ā = 1/T Σ_t A_t`` (:func:`cmm_utils.merging.average_adapters`), once per task.
 4. **Stage 2 (balanced head fine-tuning)**, ``t > 0``: every head, on features of the merged
    adapters, trained on the class-balanced set (the memory after its update: ``m`` herded
    exemplars per old class and per new class); loss ``Σ_{i present in batch} CE(head_i(f̄), y_i)``
@@ -52,188 +52,24 @@ import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmm_utils.core.checkpoints import TaskCheckpoints
+from cmm_utils.core.continual import ContinualResult, gflops_per_image, state_bytes
+from cmm_utils.core.data import LabeledImages, Scenario
+from cmm_utils.core.io import strip_prefix, with_prefix
+from cmm_utils.core.seeds import HEAD_STAGE, task_seed
+from cmm_utils.core.train import FitConfig, device, fit
 from cmm_utils.papers.dynammo.adapters import AdapterNet, min_others_scores
-from cmm_utils.core.benchmarks import BACKBONE, BENCHMARKS, CLASS_ORDER_SEED, SMOKE_MAX_PER_SPLIT, load_benchmark
-from cmm_utils.core.continual import ContinualResult, cached_run, gflops_per_image, state_bytes
-from cmm_utils.core.data import LabeledImages, Scenario, Task, class_incremental, load_dataset
-from cmm_utils.papers.dynammo.baselines import ExpandableNet, single_model_runs
-from cmm_utils.papers.dynammo.common import (Memory, concat, epoch_config, evaluate, features_with_flips, fit_on_features, herding,
-                                             label_lookup, subsample)
-from cmm_utils.papers.dynammo.costs import adapter_parameters, cost_table, inference_ms
-from cmm_utils.core.io import cache_root, config_key, load_meta, load_state, save_state, strip_prefix, with_prefix
-from cmm_utils.core.models import BOOK_IMAGE_SIZE, book_backbone
-from cmm_utils.core.profiles import check_profile
-from cmm_utils.core.train import FitConfig, device, fit, seed_everything
+from cmm_utils.papers.dynammo.common import (Memory, concat, epoch_config, evaluate, features_with_flips,
+                                             fit_on_features, label_lookup, subsample)
+from cmm_utils.papers.dynammo.profiles import stage2_schedule
 
-__all__ = [
-    # defined here: scenarios, profiles, the two stages, DynaMMo/ACL, entry points
-    "CHAPTER", "MEMORY_PER_CLASS", "METHODS", "METHOD_LABELS", "PAPER", "PROFILES", "RUN_KEYS", "SCENARIOS",
-    "SMOKE_PATH_CAP", "STAGE1_KEYS", "VERSION", "Stage1State", "adapter_method", "adapter_spread",
-    "adapter_stage1", "cached_dynammo_run", "check_method", "grouped_scenario", "load_scenario", "memory_budget",
-    "pycil_class_order", "run_config", "run_dynammo_method", "stage2_schedule", "train_stage1", "train_stage2",
-    # re-exported from cmm_utils.papers.dynammo.common (memory, training on features, evaluation)
-    "Memory", "concat", "epoch_config", "evaluate", "features_with_flips", "fit_on_features", "herding",
-    "label_lookup", "subsample",
-    # re-exported from cmm_utils.papers.dynammo.baselines (DER, fine-tuning, joint training)
-    "ExpandableNet", "single_model_runs",
-    # re-exported from cmm_utils.papers.dynammo.costs (cost as T grows)
-    "adapter_parameters", "cost_table", "inference_ms",
-]
-
-CHAPTER = "dynammo"
-METHODS = ("dynammo", "acl", "der", "finetune", "joint")
-METHOD_LABELS = {"dynammo": "DynaMMo (merged adapters)", "acl": "ACL (per-task adapter paths)",
-                 "der": "DER (expandable representation)", "finetune": "Fine-tuning",
-                 "joint": "Joint training"}
-VERSION = 3
-
-# What the paper claims (abstract, /work/shared/papers/dynammo.txt) and the ACL paper's curves the
-# DynaMMo repository ships (visualize/draw.ipynb; research note §1.9, averages computed there).
-PAPER = {
-    "gflops_reduction": 10.0,          # "around 10-fold reduction in GFLOPS" vs dynamic expansion
-    "avg_acc_drop": 2.76,              # "a small drop of 2.76 in average accuracy"
-    "acl_reference": {                 # ACL paper, avg / last (%), research note §1.9
-        "CIFAR100": {"acl": (82.50, 73.02), "der": (78.59, 64.97)},
-        "SKIN8 (MCR)": {"acl": (66.89, 50.69), "der": (60.24, 39.47)},
-        "PATH16": {"acl": (76.57, 73.24), "der": (74.45, 69.87)},
-    },
-}
-
-# ---------------------------------------------------------------------------------- scenarios
-# ``stands_in_for``: the paper dataset a 28 px scenario replaces. ``memory``: exemplar budget;
-# None = 5 per class of the scenario, which is exactly the paper's budget for SKIN8 (40 / 8
-# classes) and PATH16 (80 / 16).
-SCENARIOS = {
-    "ham10000-cil": {"kind": "benchmark", "stands_in_for": "SKIN8", "metric": "mcr", "memory": None},
-    "pathmnist_1k": {"kind": "class-incremental", "dataset": "pathmnist_1k", "n_tasks": 4,
-                     "stands_in_for": "PATH16", "metric": "acc", "memory": None},
-    "medical-dil": {"kind": "benchmark", "stands_in_for": None, "metric": "acc", "memory": None},
-    "cifar100": {"kind": "class-incremental", "dataset": "cifar100", "n_tasks": 10, "order": "np1993",
-                 "stands_in_for": "CIFAR100", "metric": "acc", "memory": 2000},
-    "skin8": {"kind": "groups", "dataset": "skin8", "task_sizes": (2, 2, 2, 2), "stands_in_for": "SKIN8",
-              "metric": "mcr", "memory": 40},
-    "path16": {"kind": "groups", "dataset": "path16", "task_sizes": (2, 2, 2, 2, 4, 2, 2),
-               "stands_in_for": "PATH16", "metric": "acc", "memory": 80},
-}
-MEMORY_PER_CLASS = 5
-SMOKE_PATH_CAP = 100  # images per split of a user's dataset in ``smoke`` (5 methods x T tasks in seconds)
-
-
-def pycil_class_order(num_classes: int, seed: int = 1993) -> list[int]:
-    """PyCIL's / DynaMMo's class order: ``np.random.seed(seed); np.random.permutation(C)``."""
-    state = np.random.get_state()
-    try:
-        np.random.seed(seed)
-        return [int(c) for c in np.random.permutation(num_classes)]
-    finally:
-        np.random.set_state(state)
-
-
-def grouped_scenario(data, task_sizes: Sequence[int], class_order: Sequence[int] | None = None) -> Scenario:
-    """Tasks of the given sizes over ``class_order`` (default 0..C-1), e.g. PATH16's [2,2,2,2,4,2,2]."""
-    order = list(class_order) if class_order is not None else list(range(data.num_classes))
-    if sum(task_sizes) != len(order) or sorted(order) != list(range(data.num_classes)):
-        raise ValueError(f"task_sizes {list(task_sizes)} must cover the {data.num_classes} classes once")
-    tasks, start = [], 0
-    for i, n in enumerate(task_sizes):
-        classes = tuple(sorted(order[start:start + n]))
-        start += n
-        pick = {s: data.split(s).subset(np.flatnonzero(np.isin(data.split(s).labels.numpy(), classes)))
-                for s in ("train", "val", "test")}
-        tasks.append(Task(i, classes, pick["train"], pick["val"], pick["test"],
-                          name=f"task {i + 1}: " + ", ".join(data.classes[c] for c in classes)))
-    return Scenario(data.name, "class-incremental", tasks, data.classes, tuple(order))
-
-
-def load_scenario(name: str, profile: str, seed: int = 0, n_tasks: int | None = None) -> Scenario:
-    """A scenario of :data:`SCENARIOS` or a dataset path (class-incremental over ``n_tasks`` tasks,
-    class order from seed 1993) at the profile's resolution; ``smoke`` keeps a small subset."""
-    check_profile(profile)
-    size = BOOK_IMAGE_SIZE[profile]
-    cap = SMOKE_MAX_PER_SPLIT if profile == "smoke" else None
-    spec = SCENARIOS.get(name)
-    if spec is None:
-        if not (str(name).endswith(".npz") or "/" in str(name) or Path(str(name)).exists()):
-            raise ValueError(f"unknown scenario {name!r}; valid: {', '.join(SCENARIOS)} or a dataset path")
-        cap = SMOKE_PATH_CAP if profile == "smoke" else None
-        data = load_dataset(name, seed=seed, size=size, channels=3, max_per_split=cap)
-        return class_incremental(data, n_tasks or 5, seed=CLASS_ORDER_SEED)
-    if spec["kind"] == "benchmark":
-        return load_benchmark(name, profile, seed)
-    data = load_dataset(spec["dataset"], seed=seed, size=size, channels=3, max_per_split=cap)
-    if spec["kind"] == "groups":
-        return grouped_scenario(data, spec["task_sizes"])
-    order = pycil_class_order(data.num_classes) if spec.get("order") == "np1993" else None
-    return class_incremental(data, n_tasks or spec["n_tasks"], seed=CLASS_ORDER_SEED, class_order=order)
-
-
-def memory_budget(name: str, scenario: Scenario) -> int:
-    spec = SCENARIOS.get(name, {})
-    return spec.get("memory") or MEMORY_PER_CLASS * scenario.num_classes
-
-
-# ----------------------------------------------------------------------------------- profiles
-# SGD momentum is 0.9 throughout (``cmm_utils.core.train.make_optimizer``), as in the authors' YAMLs
-_STAGE1 = dict(stage1_lr=0.01, stage1_weight_decay=5e-4, batch_size=32, bn_policy="average")
-PROFILES = {
-    # the whole notebook in well under a minute: a tiny subset, a few steps per stage
-    "smoke": dict(threads=1, scenarios=["ham10000-cil"], seeds=[0], methods=list(METHODS), n_tasks=None,
-                  backbone=BACKBONE, **_STAGE1,
-                  stage1_epochs=1, stage1_milestones=[], stage2_epochs=2, stage2_lr=1e-3,
-                  stage2_milestones=[], baseline_epochs=1, baseline_lr=0.01, baseline_milestones=[],
-                  der_epochs=1, der_lr=0.01, der_milestones=[], der_ft_epochs=2, der_ft_lr=0.01,
-                  der_ft_milestones=[], der_temperature=5.0, train_steps=4, head_steps=8, max_train_per_task=None,
-                  cost_tasks=10, cost_classes_per_task=2, paper_res_tasks=[1, 10], timing_tasks=[1, 10],
-                  timing_repeats=1, timing_batch=16),
-    # real 28 px data, 3 seeds, epochs scaled down hard to fit the page's time budget
-    "cpu": dict(threads=1, scenarios=["ham10000-cil", "pathmnist_1k", "medical-dil"], seeds=[0, 1, 2],
-                methods=list(METHODS), n_tasks=None, backbone=BACKBONE, **_STAGE1,
-                stage1_epochs=10, stage1_milestones=[], stage2_epochs=100, stage2_lr=1e-3,
-                stage2_milestones=[55, 80], baseline_epochs=10, baseline_lr=0.01, baseline_milestones=[],
-                der_epochs=10, der_lr=0.01, der_milestones=[], der_ft_epochs=100, der_ft_lr=1e-3,
-                der_ft_milestones=[55, 80], der_temperature=5.0, train_steps=15, head_steps=None, max_train_per_task=500,
-                cost_tasks=10, cost_classes_per_task=2, paper_res_tasks=list(range(1, 11)), timing_tasks=[1, 5, 10],
-                timing_repeats=3, timing_batch=64),
-    # the authors' datasets and schedules (GPU box); DER's from the authors' dynamic_er PATH16 config
-    "paper": dict(threads=None, scenarios=["cifar100", "skin8", "path16"], seeds=[1993, 1, 42, 50, 100],
-                  methods=list(METHODS), n_tasks=None, backbone=BACKBONE, **_STAGE1,
-                  stage1_epochs=200, stage1_milestones=[70, 130, 170], stage2_epochs=100, stage2_lr=1e-3,
-                  stage2_milestones=[55, 80], stage2_cifar100=(50, [15, 35]),
-                  baseline_epochs=200, baseline_lr=0.01, baseline_milestones=[70, 130, 170],
-                  der_epochs=200, der_lr=1e-3, der_milestones=[100, 120], der_ft_epochs=100, der_ft_lr=1e-3,
-                  der_ft_milestones=[55, 80], der_temperature=5.0, train_steps=None, head_steps=None, max_train_per_task=None,
-                  cost_tasks=10, cost_classes_per_task=10, paper_res_tasks=list(range(1, 11)), timing_tasks=[1, 5, 10],
-                  timing_repeats=3, timing_batch=64),
-}
-# settings that change what a run computes (the cache key); the rest only orchestrate the page
-RUN_KEYS = ("backbone", "stage1_lr", "stage1_weight_decay", "batch_size", "bn_policy",
-            "stage1_epochs", "stage1_milestones", "stage2_epochs", "stage2_lr", "stage2_milestones",
-            "stage2_cifar100", "baseline_epochs", "baseline_lr", "baseline_milestones", "der_epochs",
-            "der_lr", "der_milestones", "der_ft_epochs", "der_ft_lr", "der_ft_milestones",
-            "der_temperature", "train_steps", "head_steps", "max_train_per_task")
-STAGE1_KEYS = ("backbone", "stage1_lr", "stage1_weight_decay", "batch_size",
-               "stage1_epochs", "stage1_milestones", "train_steps", "max_train_per_task")
-
-
-def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    return method
-
-
-def stage2_schedule(settings: Mapping, scenario_name: str) -> tuple[int, list[int]]:
-    """Stage-2 epochs and milestones; CIFAR100 has its own (50 epochs, [15, 35])."""
-    if scenario_name == "cifar100" and settings.get("stage2_cifar100"):
-        epochs, milestones = settings["stage2_cifar100"]
-        return int(epochs), list(milestones)
-    return int(settings["stage2_epochs"]), list(settings["stage2_milestones"])
+__all__ = ["Stage1State", "adapter_method", "adapter_spread", "adapter_stage1", "train_stage1", "train_stage2"]
 
 
 # ---------------------------------------------------------------------------- DynaMMo stages
@@ -298,38 +134,36 @@ class Stage1State:
 
 def adapter_stage1(scenario: Scenario, backbone: nn.Module, settings: Mapping, seed: int, budget: int,
                    checkpoint_dir: Path | None = None) -> Stage1State:
-    """Stage 1 and the memory for every task; with ``checkpoint_dir``, per-task checkpoints (safetensors)
-    are written and the run resumes from the last one."""
+    """Stage 1 and the memory for every task; with ``checkpoint_dir``, per-task checkpoints
+    (``stage1-task<t>``, :class:`~cmm_utils.core.checkpoints.TaskCheckpoints`) are written and the run
+    resumes from the last one."""
     dev = device()
     net = AdapterNet(copy.deepcopy(backbone), bn_policy=settings["bn_policy"]).to(dev)
     memory = Memory(budget)
     state = Stage1State([], {}, [], [])
-    start_task = 0
-    if checkpoint_dir is not None:
-        done = sorted(checkpoint_dir.glob("stage1-task*.safetensors"), key=lambda p: int(p.stem[11:]))
-        if done:
-            ck = load_state(done[-1])
-            meta = load_meta(done[-1])
-            for t in range(meta["tasks"]):
-                net.add_task(len(scenario.tasks[t].classes))
-                net.adapters[t].load_state_dict(strip_prefix(ck, f"adapters.{t}."))
-                state.memories.append(LabeledImages(ck[f"memory.{t}.images"], ck[f"memory.{t}.labels"]))
-            state.aux_head0 = strip_prefix(ck, "aux_head0.")
-            state.seconds, state.losses = list(meta["seconds"]), list(meta["losses"])
-            memory = Memory.from_state(budget, {"memory_images": state.memories[-1].images,
-                                                "memory_labels": state.memories[-1].labels})
-            start_task = meta["tasks"]
-    for t in range(start_task, len(scenario.tasks)):
+    checkpoints = TaskCheckpoints(checkpoint_dir, "stage1")
+    resumed = checkpoints.latest()
+    if resumed.tasks:
+        ck = resumed.tensors
+        for t in range(resumed.tasks):
+            net.add_task(len(scenario.tasks[t].classes))
+            net.adapters[t].load_state_dict(strip_prefix(ck, f"adapters.{t}."))
+            state.memories.append(LabeledImages(ck[f"memory.{t}.images"], ck[f"memory.{t}.labels"]))
+        state.aux_head0 = strip_prefix(ck, "aux_head0.")
+        state.seconds, state.losses = list(resumed.meta["seconds"]), list(resumed.meta["losses"])
+        memory = Memory.from_state(budget, {"memory_images": state.memories[-1].images,
+                                            "memory_labels": state.memories[-1].labels})
+    for t in range(resumed.tasks, len(scenario.tasks)):
         task = scenario.tasks[t]
         t0 = time.time()
-        torch.manual_seed(seed * 1000 + t)
+        torch.manual_seed(task_seed(seed, t))
         net.add_task(len(task.classes))
-        current = subsample(task.train, settings["max_train_per_task"], seed * 1000 + t)
+        current = subsample(task.train, settings["max_train_per_task"], task_seed(seed, t))
         train = concat([current, memory.data()])
         cfg = epoch_config(settings["stage1_epochs"], settings["stage1_lr"], settings["stage1_milestones"],
                            len(train), settings["batch_size"], optimizer="sgd",
                            weight_decay=settings["stage1_weight_decay"], max_steps=settings["train_steps"])
-        losses = train_stage1(net, train, task.classes, scenario.num_classes, cfg, seed * 1000 + t)
+        losses = train_stage1(net, train, task.classes, scenario.num_classes, cfg, task_seed(seed, t))
         if t == 0:
             state.aux_head0 = {k: v.detach().cpu().clone() for k, v in net.aux_head.state_dict().items()}
         net.eval()
@@ -343,12 +177,7 @@ def adapter_stage1(scenario: Scenario, backbone: nn.Module, settings: Mapping, s
                 tensors.update(with_prefix(f"adapters.{i}.", a.state_dict()))
             for i, mem in enumerate(state.memories):
                 tensors[f"memory.{i}.images"], tensors[f"memory.{i}.labels"] = mem.images, mem.labels
-            path = checkpoint_dir / f"stage1-task{t}.safetensors"
-            save_state(path, tensors, {"tasks": t + 1, "seconds": state.seconds, "losses": state.losses})
-            for old in checkpoint_dir.glob("stage1-task*.safetensors"):
-                if old != path:
-                    old.unlink(missing_ok=True)
-                    old.with_suffix(".json").unlink(missing_ok=True)
+            checkpoints.save(t, tensors, {"seconds": state.seconds, "losses": state.losses})
     state.adapters = [{k: v.detach().cpu().clone() for k, v in a.state_dict().items()} for a in net.adapters]
     return state
 
@@ -376,7 +205,7 @@ def adapter_method(method: str, scenario: Scenario, backbone: nn.Module, stage1:
     epochs2, milestones2 = stage2_schedule(settings, scenario_name)
     for t, task in enumerate(scenario.tasks):
         t0 = time.time()
-        torch.manual_seed(seed * 1000 + 500 + t)
+        torch.manual_seed(task_seed(seed, t, HEAD_STAGE))
         net.add_task(len(task.classes))
         net.adapters[t].load_state_dict(stage1.adapters[t])
         net.merge()
@@ -387,8 +216,8 @@ def adapter_method(method: str, scenario: Scenario, backbone: nn.Module, stage1:
             balanced = stage1.memories[t]
             cfg = epoch_config(epochs2, settings["stage2_lr"], milestones2, len(balanced), settings["batch_size"],
                                optimizer="adam", max_steps=settings["head_steps"])
-            train_stage2(net, balanced, task_classes[:t + 1], scenario.num_classes, cfg, seed * 1000 + 500 + t,
-                         inference)
+            train_stage2(net, balanced, task_classes[:t + 1], scenario.num_classes, cfg,
+                         task_seed(seed, t, HEAD_STAGE), inference)
         seconds.append(stage1.seconds[t] + time.time() - t0)
         net.eval()
         seen = task_classes[:t + 1]
@@ -409,67 +238,5 @@ def adapter_method(method: str, scenario: Scenario, backbone: nn.Module, stage1:
                            extra={"mcr_seen": mcr, "task_acc_seen": task_acc, "gflops_per_task": gflops,
                                   "params_per_task": params, "seconds_per_task": seconds,
                                   "memory_size": len(stage1.memories[-1]), "adapter_spread": spread,
-                                  "alpha": [[float(a.alpha.detach()) for a in ad] for ad in net.adapters]})
-
-
-# --------------------------------------------------------------------------------- entry points
-def run_config(method: str, benchmark: str, profile: str, seed: int, settings: Mapping,
-               n_tasks: int | None = None) -> dict:
-    """The JSON-able configuration a cached run is keyed by (the leaderboard reads it)."""
-    check_method(method)
-    cfg = {"method": method, "benchmark": str(benchmark), "seed": int(seed), "backbone": settings["backbone"],
-           "profile": profile, "n_tasks": n_tasks, "chapter": CHAPTER, "version": VERSION}
-    cfg.update({k: settings[k] for k in RUN_KEYS if k in settings})
-    return cfg
-
-
-def _checkpoint_dir(profile: str, config: Mapping, keys: Sequence[str]) -> Path:
-    sub = {k: config[k] for k in ("benchmark", "seed", "profile", "n_tasks", "version", "bn_policy") if k in config}
-    sub.update({k: config.get(k) for k in keys})
-    path = cache_root() / CHAPTER / profile / f"{Path(str(config['benchmark'])).stem}-{config_key(sub)}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def run_dynammo_method(method: str, scenario: Scenario, profile: str, seed: int, settings: Mapping | None = None,
-                       benchmark: str | None = None, backbone: nn.Module | None = None,
-                       checkpoint: bool = True, n_tasks: int | None = None) -> ContinualResult:
-    """Run one method of this chapter on ``scenario`` (the leaderboard calls this for a missing run).
-
-    ``settings`` default to ``PROFILES[profile]``; ``backbone`` to the book's pretrained ResNet-18
-    (``book_backbone``). DynaMMo and ACL share one stage-1 run, checkpointed per task under
-    ``cache_root()/dynammo/<profile>/`` (keyed by the configuration) so the second reuses it.
-    """
-    check_method(method)
-    settings = dict(PROFILES[check_profile(profile)] if settings is None else settings)
-    name = benchmark or scenario.name
-    seed_everything(seed)
-    backbone = backbone if backbone is not None else book_backbone(settings["backbone"], profile, verbose=False)
-    backbone = backbone.to(device()).eval()
-    budget = memory_budget(name, scenario)
-    config = run_config(method, name, profile, seed, settings, n_tasks)
-    if method in ("dynammo", "acl"):
-        ck = _checkpoint_dir(profile, config, STAGE1_KEYS) if checkpoint else None
-        stage1 = adapter_stage1(scenario, backbone, settings, seed, budget, ck)
-        return adapter_method(method, scenario, backbone, stage1, settings, seed, name)
-    ck = _checkpoint_dir(profile, config, RUN_KEYS) if checkpoint else None
-    return single_model_runs(method, scenario, backbone, settings, seed, budget, name, ck)
-
-
-def cached_dynammo_run(method: str, benchmark: str, profile: str, seed: int, settings: Mapping | None = None,
-                       n_tasks: int | None = None,
-                       scenario: Scenario | Callable[[], Scenario] | None = None) -> ContinualResult:
-    """``cached_run(profile, "dynammo", config, ...)``: a finished run is read back, a missing one run.
-
-    ``scenario`` (a :class:`Scenario` or a function returning one) spares reloading the data for
-    each method; by default it is loaded with :func:`load_scenario`."""
-    settings = dict(PROFILES[check_profile(profile)] if settings is None else settings)
-    n_tasks = None if benchmark in BENCHMARKS else n_tasks
-    config = run_config(method, benchmark, profile, seed, settings, n_tasks)
-
-    def run():
-        sc = scenario() if callable(scenario) else scenario
-        sc = sc if sc is not None else load_scenario(benchmark, profile, seed, n_tasks)
-        return run_dynammo_method(method, sc, profile, seed, settings, benchmark=benchmark, n_tasks=n_tasks)
-
-    return cached_run(profile, CHAPTER, config, run)
+                                  "alpha": [[float(a.alpha.detach()) for a in ad] for ad in net.adapters],
+                                  "mean_class_recall": float(mcr[-1])})

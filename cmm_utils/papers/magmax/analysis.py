@@ -3,8 +3,8 @@ often the task vectors agree in sign (sequential vs independent fine-tuning).
 
 The paper analyses update magnitude, sign consistency and the tasks' contributions to the merge
 (Marczak et al., ECCV 2024; the authors' code has none of it, research note ``magmax_cmm_code.md``
-§4-5), so these are computed here from the task vectors; :meth:`cmm_utils.papers.magmax.method.MagMaxRun.analysis`
-reports them for both regimes. Weights only (BatchNorm statistics left out).
+§4-5), so these are computed here from the task vectors; :func:`regime_analysis` reports them for
+both regimes of a :class:`cmm_utils.papers.magmax.experiment.MagMaxRun`. Weights only (BatchNorm statistics left out).
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from cmm_utils.merging import kernels as mg
+from cmm_utils import merging
 
 
 def _param_keys(tv: Mapping[str, torch.Tensor]) -> list[str]:
-    return [k for k, v in tv.items() if v.is_floating_point() and not mg.bn_statistic(k)]
+    return [k for k, v in tv.items() if v.is_floating_point() and not merging.bn_statistic(k)]
 
 
 @torch.no_grad()
@@ -53,3 +53,16 @@ def sign_agreement(task_vectors: Sequence[Mapping[str, torch.Tensor]]) -> tuple[
         agree_all += float((multi & (total.abs() == n_nz)).sum())
     agree = ((both + dot) / 2 / both.clamp(min=1)).numpy()
     return agree, agree_all / max(1.0, considered)
+
+
+def regime_analysis(task_vectors: Mapping[str, Sequence[Mapping[str, torch.Tensor]]]) -> dict:
+    """Per regime (``{regime: [τ_1..τ_T]}``): MagMax's share per task, the sign agreement of the
+    task vectors (pairwise and all at once) and their norms (weights only)."""
+    out = {}
+    for regime, tvs in task_vectors.items():
+        agree, all_agree = sign_agreement(tvs)
+        keys = _param_keys(tvs[0])
+        norms = [float(torch.sqrt(sum((tv[k].double() ** 2).sum() for k in keys))) for tv in tvs]
+        out[regime] = {"share": selection_share(tvs).tolist(), "sign_agreement": agree.tolist(),
+                       "all_agree": all_agree, "norms": norms}
+    return out

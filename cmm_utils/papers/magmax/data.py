@@ -5,8 +5,8 @@ ImageNet-R).
 MagMax (Marczak et al., ECCV 2024) evaluates on class-incremental CIFAR-100 and ImageNet-R split into
 T ∈ {5, 10, 20, 50} tasks in the authors' fixed class orders, and on domain-incremental ImageNet-R (one
 task per domain, all classes). The orders, domains and templates are copied from the authors' code
-(research note ``magmax_cmm_code.md`` §2.1-2.2). The method and its runs are in :mod:`cmm_utils.papers.magmax.method`,
-where these names stay importable (its ``load_scenario`` fills ``settings`` in from the profile).
+(research note ``magmax_cmm_code.md`` §2.1-2.2). The method is in :mod:`cmm_utils.papers.magmax.method`, its
+runs in :mod:`cmm_utils.papers.magmax.experiment` (whose ``load_scenario`` fills ``settings`` in from the profile).
 """
 from __future__ import annotations
 
@@ -56,16 +56,22 @@ def _is_path(name: str) -> bool:
     return str(name).endswith(".npz") or "/" in str(name) or Path(str(name)).exists()
 
 
+def fixed_benchmark(dataset: str) -> bool:
+    """A scenario that brings its own tasks (a book benchmark, ImageNet-R's domains): no ``n_tasks``."""
+    return dataset in BENCHMARKS or dataset == "imagenet-r-dil"
+
+
 def benchmark_name(dataset: str, n_tasks: int | None) -> str:
     """The name a run is cached under: a book benchmark as is, else ``<dataset>-cil<T>``."""
-    if dataset in BENCHMARKS or dataset == "imagenet-r-dil":
+    if fixed_benchmark(dataset):
         return dataset
     return f"{Path(str(dataset)).stem if _is_path(dataset) else dataset}-cil{n_tasks}"
 
 
 def load_scenario(dataset: str, profile: str, seed: int, n_tasks: int | None, settings: Mapping) -> Scenario:
     """The scenario a run of this chapter uses, under ``settings`` (a row of
-    :data:`cmm_utils.papers.magmax.method.PROFILES`; :func:`cmm_utils.papers.magmax.method.load_scenario` defaults it to the profile's).
+    :data:`cmm_utils.papers.magmax.profiles.PROFILES`; :func:`cmm_utils.papers.magmax.experiment.load_scenario`
+    defaults it to the profile's).
 
     - a book benchmark (``ham10000-cil``, ``medical-dil``): :func:`cmm_utils.core.benchmarks.load_benchmark`;
     - ``imagenet-r-dil``: ImageNet-R's 15 domains in the authors' order (``paper``);

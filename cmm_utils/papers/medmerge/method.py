@@ -11,12 +11,16 @@ with the weights ``w`` learned during *linear probing* on the target (convolutio
 linear head and ``w`` trained), the merged network then fine-tuned on the target, and the
 comparison with fine-tuning, LP-FT and other merges by macro F1 and accuracy.
 
-The pipeline here, per backbone, target and seed (:func:`run_experiment`):
+The pipeline here, per backbone, target and seed (:func:`run_experiment`; :func:`run` gives one
+method's score as the book's ``ContinualResult``, :func:`run_chapter` every run of a profile), from
+the modules beside it: ``sources`` (the two sources and the data), ``training`` (probe, fine-tuning,
+the merges of fine-tuned models), ``profiles``, ``tables``, ``figures`` and ``claims``:
 
 1. sources: ``a`` = natural images (the book's ``book_backbone``: Fashion-MNIST + a CIFAR-10
    subset at 28 px; ImageNet weights in ``paper``), ``b`` = a medical source trained *from a
-   different random initialisation* on HAM10000 (:func:`train_source`, cached as safetensors);
-2. MedMerge: ``cmm_utils.papers.medmerge.kernel_merge.wrap_kernel_merge(a, b)`` + a new linear head; the head and
+   different random initialisation* on HAM10000 (:func:`~cmm_utils.papers.medmerge.sources.train_source`,
+   cached as safetensors);
+2. MedMerge: ``kernel_merge.wrap_kernel_merge(a, b)`` + a new linear head; the head and
    ``w`` trained (linear probing), then ``collapse_kernel_merge`` gives one plain network, whose
    BatchNorm statistics are recomputed on target training data, and which is fine-tuned;
 3. baselines: fine-tuning (FT) from each source, linear probing (LP) and LP-FT (Kumar et al.,
@@ -29,7 +33,8 @@ The pipeline here, per backbone, target and seed (:func:`run_experiment`):
    kernel), and the open choices (initial ``w``, direct vs sigmoid parametrisation, ``w`` learned
    or frozen at its initial value) on one backbone and target.
 
-Choices where the paper is silent (each is a literal in :data:`PROFILES` or an argument):
+Choices where the paper is silent (each is a literal in
+:data:`cmm_utils.papers.medmerge.profiles.PROFILES` or an argument):
 
 * kernel granularity: one ``w`` per 2-D kernel (``C_out x C_in``), ``cmm_utils.papers.medmerge.kernel_merge``'s;
 * ``w`` initialised at 0.5, used directly (the equation, unconstrained); the ablation varies both;
@@ -56,306 +61,18 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from cmm_utils.papers.medmerge import alignment
-from cmm_utils.merging import kernels as merge
-from cmm_utils.core.data import DatasetSplits, LabeledImages, load_dataset
-from cmm_utils.core.io import cache_root, cached_state, config_key, load_meta, load_state, save_state
-from cmm_utils.papers.medmerge.kernel_merge import collapse_kernel_merge, kernel_weights, wrap_kernel_merge
-from cmm_utils.papers.medmerge.landscape import plane_grid, recompute_bn
-from cmm_utils.core.metrics import macro_f1, quadratic_kappa
-from cmm_utils.core.models import PRETRAIN, Classifier, book_backbone, build_backbone
-from cmm_utils.core.profiles import check_profile, select
-from cmm_utils.core.train import FitConfig, fit, predict, seed_everything
+from cmm_utils.core.continual import ContinualResult, cached_run
+from cmm_utils.core.io import cache_root, config_key, load_state, save_state, write_csv
+from cmm_utils.core.models import PRETRAIN, Classifier, build_backbone
+from cmm_utils.papers.medmerge.landscape import plane_grid
+from cmm_utils.papers.medmerge.profiles import CHAPTER, MERGES, METHODS, VERSION, benchmark_name, configure, \
+    parse_benchmark
+from cmm_utils.papers.medmerge.sources import source_key, load_target, source_backbone, zero_convolutions
+from cmm_utils.papers.medmerge.training import evaluate, fine_tune, kernel_merge_probe, linear_probe, merge_models, \
+    new_classifier
 
-VERSION = 2
-CHAPTER = "medmerge"
-
-# Ablation variants: (name, init, parametrisation, learn_w); the main run is init 0.5, direct, learned
-ABLATIONS = (
-    ("init 0.25, direct", 0.25, "direct", True),
-    ("init 0.75, direct", 0.75, "direct", True),
-    ("init 0.5, sigmoid", 0.5, "sigmoid", True),
-    ("w frozen at 0.5 (source average + LP-FT)", 0.5, "direct", False),
-)
-
-_COMMON = {
-    "natural_source": "book", "init": 0.5, "parametrisation": "direct", "other_params": "a", "w_lr": 0.05,
-    "optimizer_lp": "adam", "optimizer_ft": "adamw", "weight_decay": 1e-4,
-    "zipit_alpha": 0.3, "zipit_beta": 0.125, "wm_iters": 30, "plane_margin": 0.25,
-    "source_init_seed": 1, "source_data_seed": 0, "source_lr": 1e-3, "source_weight_decay": 1e-4,
-}
-# smoke: plumbing only. cpu: 28 px, three seeds, <= 500 images per target split. paper: the paper's
-# datasets and backbones at 224 px; its optimiser settings are not public, so epochs and learning
-# rates there are ours (LP then FT, as in LP-FT), as is every hyper-parameter of the other profiles.
-PROFILES = {
-    "smoke": {**_COMMON,
-              "runs": (("resnet18", "ham10000", "retinamnist"),),
-              "scale": "cpu", "image_size": 28, "n_seeds": 1, "max_per_split": 96,
-              "source_epochs": 1, "source_max_per_split": 384, "source_batch_size": 64,
-              "lp_epochs": 1, "lp_lr": 1e-2, "ft_epochs": 1, "ft_lr": 1e-3, "batch_size": 32,
-              "merges": ("average", "permutation", "zipit"), "match_images": 32,
-              "ablations": ABLATIONS[2:3], "plane_merges": ("medmerge", "permutation"),
-              "plane_grid": 3, "plane_images": 32},
-    "cpu": {**_COMMON,
-            "runs": (("resnet18", "ham10000", "retinamnist"), ("resnet18", "ham10000", "pathmnist_1k"),
-                     ("densenet121", "ham10000", "retinamnist")),
-            "scale": "cpu", "image_size": 28, "n_seeds": 3, "max_per_split": 500,
-            "source_epochs": 6, "source_max_per_split": None, "source_batch_size": 64,
-            "lp_epochs": 3, "lp_lr": 1e-2, "ft_epochs": 4, "ft_lr": 1e-3, "batch_size": 32,
-            "merges": ("average", "permutation", "permutation_act", "zipit"), "match_images": 256,
-            "ablations": ABLATIONS, "plane_merges": ("medmerge", "permutation", "zipit"),
-            "plane_grid": 9, "plane_images": 200},
-    "paper": {**_COMMON,
-              "runs": (("densenet121", "ham10000_full", "isic2019"), ("densenet121", "eyepacs", "aptos2019"),
-                       ("resnet50", "ham10000_full", "isic2019"), ("resnet50", "eyepacs", "aptos2019")),
-              "scale": "paper", "image_size": 224, "n_seeds": 3, "max_per_split": None,
-              "source_epochs": 30, "source_max_per_split": None, "source_batch_size": 32,
-              "lp_epochs": 10, "lp_lr": 1e-3, "ft_epochs": 30, "ft_lr": 1e-4, "batch_size": 32,
-              "merges": ("average", "permutation", "permutation_act", "zipit"), "match_images": 1024,
-              "ablations": ABLATIONS, "plane_merges": ("medmerge", "permutation", "zipit"),
-              "plane_grid": 21, "plane_images": 2000},
-}
-
-METHOD_LABELS = {
-    "ft_natural": "FT (natural source)", "ft_medical": "FT (medical source)",
-    "lp_natural": "LP (natural source)", "lp_medical": "LP (medical source)",
-    "lpft_natural": "LP-FT (natural source)", "lpft_medical": "LP-FT (medical source)",
-    "average": "Average of FT models", "permutation": "Permutation, weight matching (FT models)",
-    "permutation_act": "Permutation, activation matching (FT models)", "zipit": "ZipIt! (FT models)",
-    "medmerge_lp": "MedMerge, after the probe (no FT)", "medmerge": "MedMerge",
-    "zeros_lp": "Merge with zeros, after the probe", "zeros": "Merge with zeros (ablation)",
-}
-FT_BASELINES = ("ft_natural", "ft_medical")
-LPFT_BASELINES = ("lpft_natural", "lpft_medical")
-MERGES = ("average", "permutation", "permutation_act", "zipit")
-BACKBONES = ("resnet18", "resnet50", "densenet121")  # CNNs with permutation specs (cmm_utils.papers.medmerge.alignment)
-
-
-def configure(profile: str, seed: int = 0, *, target: str | None = None, source_natural: str | None = None,
-              source_medical: str | None = None, backbone: str | None = None, **overrides) -> dict:
-    """The profile's settings with the notebook's parameters applied (``None`` = profile default).
-
-    ``target`` (a registered name or a MedMNIST-format ``.npz`` path) replaces every run's target,
-    ``source_medical`` every run's medical source, ``backbone`` every run's architecture.
-    """
-    cfg = select(PROFILES, check_profile(profile), **overrides)
-    runs = list(cfg["runs"])
-    if backbone is not None:
-        runs = [(backbone, m, t) for _, m, t in runs]
-    if source_medical is not None:
-        runs = [(a, source_medical, t) for a, _, t in runs]
-    if target is not None:
-        runs = [(a, m, str(target)) for a, m, _ in runs]
-    cfg["runs"] = tuple(dict.fromkeys(runs))  # de-duplicated, order kept
-    if source_natural is not None:
-        cfg["natural_source"] = source_natural
-    cfg["profile"], cfg["seeds"] = profile, tuple(seed + i for i in range(cfg["n_seeds"]))
-    for arch, _, _ in cfg["runs"]:
-        if arch not in BACKBONES:
-            raise ValueError(f"unknown backbone {arch!r} for MedMerge (a CNN is needed); valid: {', '.join(BACKBONES)}")
-    for m in cfg["merges"]:
-        if m not in MERGES:
-            raise ValueError(f"unknown merge baseline {m!r}; valid: {', '.join(MERGES)}")
-    for m in cfg["plane_merges"]:
-        if m not in ("medmerge",) + MERGES:
-            raise ValueError(f"unknown plane merge {m!r}; valid: medmerge, {', '.join(MERGES)}")
-    return cfg
-
-
-# ------------------------------------------------------------------------------- sources
-
-def _fit_config(cfg: Mapping, stage: str) -> FitConfig:
-    if stage == "source":
-        return FitConfig(epochs=cfg["source_epochs"], lr=cfg["source_lr"], batch_size=cfg["source_batch_size"],
-                         optimizer="adamw", weight_decay=cfg["source_weight_decay"], schedule="cosine",
-                         max_steps=cfg.get("max_steps"))
-    if stage == "lp":
-        return FitConfig(epochs=cfg["lp_epochs"], lr=cfg["lp_lr"], batch_size=cfg["batch_size"],
-                         optimizer=cfg["optimizer_lp"], schedule="cosine", max_steps=cfg.get("max_steps"))
-    if stage == "ft":
-        return FitConfig(epochs=cfg["ft_epochs"], lr=cfg["ft_lr"], batch_size=cfg["batch_size"],
-                         optimizer=cfg["optimizer_ft"], weight_decay=cfg["weight_decay"], schedule="cosine",
-                         max_steps=cfg.get("max_steps"))
-    raise ValueError(f"unknown stage {stage!r}; valid: source, lp, ft")
-
-
-_TARGET_CAP = object()
-
-
-def load_target(name: str, seed: int, cfg: Mapping, max_per_split=_TARGET_CAP) -> DatasetSplits:
-    """A target (or, with its own ``max_per_split``, source) dataset at the profile's resolution, RGB;
-    by default each split is capped at the profile's ``max_per_split``."""
-    return load_dataset(name, seed=seed, size=cfg["image_size"], channels=3,
-                        max_per_split=cfg["max_per_split"] if max_per_split is _TARGET_CAP else max_per_split)
-
-
-def _source_key(arch: str, dataset: str, cfg: Mapping, init_seed: int) -> dict:
-    return {"chapter": CHAPTER, "version": VERSION, "arch": arch, "scale": cfg["scale"],
-            "image_size": cfg["image_size"], "dataset": dataset, "init_seed": init_seed,
-            "data_seed": cfg["source_data_seed"], "epochs": cfg["source_epochs"], "lr": cfg["source_lr"],
-            "batch_size": cfg["source_batch_size"], "weight_decay": cfg["source_weight_decay"],
-            "max_per_split": cfg["source_max_per_split"], "max_steps": cfg.get("max_steps")}
-
-
-def _source_path(arch: str, dataset: str, cfg: Mapping, init_seed: int) -> Path:
-    key = _source_key(arch, dataset, cfg, init_seed)
-    return cache_root() / CHAPTER / "sources" / f"{arch}-{Path(str(dataset)).stem}-{config_key(key)}.safetensors"
-
-
-def train_source(arch: str, dataset: str, cfg: Mapping, init_seed: int, verbose: bool = True) -> nn.Module:
-    """A backbone trained from random initialisation ``init_seed`` on ``dataset`` (all of its
-    layers), cached as safetensors keyed by the whole configuration; returns the backbone."""
-    key = _source_key(arch, dataset, cfg, init_seed)
-    path = _source_path(arch, dataset, cfg, init_seed)
-
-    def train() -> tuple[dict, dict]:
-        data = load_target(dataset, cfg["source_data_seed"], cfg, max_per_split=cfg["source_max_per_split"])
-        seed_everything(init_seed)
-        backbone = build_backbone(arch, scale=cfg["scale"], image_size=cfg["image_size"])
-        model = Classifier(backbone, data.num_classes)
-        fit(model, data.train, _fit_config(cfg, "source"), seed=init_seed, desc=f"source {arch} on {data.name}")
-        scores = evaluate(model, data.test)
-        return backbone.state_dict(), {**key, "test_accuracy": scores["accuracy"], "test_macro_f1": scores["macro_f1"],
-                                       "classes": list(data.classes)}
-
-    state, meta, cached = cached_state(path, train)
-    backbone = build_backbone(arch, scale=cfg["scale"], image_size=cfg["image_size"])
-    backbone.load_state_dict(state)
-    if verbose:
-        how = "loaded from cache:" if cached else f"trained from random init (seed {init_seed}), cached at {path}:"
-        print(f"{arch} source on {dataset} {how} test accuracy {meta.get('test_accuracy', float('nan')):.3f}, "
-              f"macro F1 {meta.get('test_macro_f1', float('nan')):.3f}")
-    return backbone
-
-
-def source_backbone(spec: str, arch: str, cfg: Mapping, init_seed: int, verbose: bool = True) -> nn.Module:
-    """``"book"``: the book's pretrained backbone of the profile; otherwise a dataset name/path on
-    which a backbone is trained from random initialisation ``init_seed``."""
-    if spec == "book":
-        return book_backbone(arch, cfg["profile"], verbose=verbose)
-    return train_source(arch, spec, cfg, init_seed, verbose=verbose)
-
-
-def source_meta(spec: str, arch: str, cfg: Mapping, init_seed: int) -> dict:
-    """What a source is, for tables (its training set and, where cached, its test scores)."""
-    if spec == "book":
-        return {"source": "book backbone", "trained on": "Fashion-MNIST + CIFAR-10 subset" if cfg["profile"] != "paper"
-                else "ImageNet (published weights)"}
-    meta = load_meta(_source_path(arch, spec, cfg, init_seed))
-    return {"source": f"{spec} from random init (seed {init_seed})", "trained on": spec,
-            "test accuracy": meta.get("test_accuracy"), "test macro F1": meta.get("test_macro_f1")}
-
-
-def zero_convolutions(backbone: nn.Module) -> nn.Module:
-    """A copy of ``backbone`` whose convolution kernels (and biases) are all zero: the second
-    model of the "merging with zeros" ablation."""
-    out = copy.deepcopy(backbone)
-    with torch.no_grad():
-        for m in out.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.zero_()
-                if m.bias is not None:
-                    m.bias.zero_()
-    return out
-
-
-# ------------------------------------------------------------------------------- training
-
-def new_classifier(backbone: nn.Module, num_classes: int, seed: int) -> Classifier:
-    """A copy of ``backbone`` under a fresh linear head initialised from ``seed``."""
-    backbone = copy.deepcopy(backbone)
-    seed_everything(seed)
-    return Classifier(backbone, num_classes)
-
-
-def fine_tune(model: nn.Module, data: LabeledImages, cfg: Mapping, seed: int, desc: str = "fine-tune") -> nn.Module:
-    """Every parameter trained (BatchNorm in train mode)."""
-    for p in model.parameters():
-        p.requires_grad_(True)
-    fit(model, data, _fit_config(cfg, "ft"), seed=seed, desc=desc)
-    return model.eval()
-
-
-def linear_probe(model: Classifier, data: LabeledImages, cfg: Mapping, seed: int, desc: str = "linear probe") -> Classifier:
-    """Backbone frozen: BN statistics recomputed on ``data``, then only the head trained (BN in
-    eval mode)."""
-    recompute_bn(model, data)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in model.head.parameters():
-        p.requires_grad_(True)
-    fit(model, data, _fit_config(cfg, "lp"), seed=seed, desc=desc, train_mode=lambda m: m.eval())
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model.eval()
-
-
-def kernel_merge_probe(backbone_a: nn.Module, backbone_b: nn.Module, num_classes: int, data: LabeledImages,
-                       cfg: Mapping, seed: int, *, init: float = 0.5, parametrisation: str = "direct",
-                       learn_w: bool = True, desc: str = "MedMerge probe") -> tuple[Classifier, dict[str, torch.Tensor]]:
-    """MedMerge's linear probe: every convolution ``w * W_a + (1 - w) * W_b`` with learnable
-    per-kernel ``w`` (frozen kernels), a new linear head; head and ``w`` trained on ``data``,
-    BatchNorm in train mode with frozen affine parameters from ``backbone_a``. Returns the
-    collapsed plain network (BN statistics recomputed on ``data``) and the learned ``w`` per layer."""
-    merged = wrap_kernel_merge(backbone_a, backbone_b, init=init, parametrisation=parametrisation,
-                               other_params=cfg.get("other_params", "a"))
-    seed_everything(seed)
-    model = Classifier(merged, num_classes)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    groups = [{"params": list(model.head.parameters())}]
-    if learn_w:
-        groups.append({"params": [p for n, p in model.named_parameters() if n.endswith("w_raw")], "lr": cfg["w_lr"]})
-    for g in groups:
-        for p in g["params"]:
-            p.requires_grad_(True)
-    fit(model, data, _fit_config(cfg, "lp"), seed=seed, params=groups, desc=desc)
-    weights = kernel_weights(model)
-    plain = collapse_kernel_merge(model)
-    for p in plain.parameters():
-        p.requires_grad_(True)
-    recompute_bn(plain, data)
-    return plain, weights
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: LabeledImages, ordinal: bool = False) -> dict[str, float]:
-    """Accuracy, macro F1 (``cmm_utils.core.metrics``) and, for ordinal grading, quadratic kappa."""
-    pred = predict(model, data).argmax(1).numpy()
-    y = data.labels.numpy()
-    out = {"accuracy": float((pred == y).mean()), "macro_f1": macro_f1(y, pred)}
-    out["kappa"] = quadratic_kappa(y, pred) if ordinal else float("nan")
-    return out
-
-
-def merge_models(method: str, model_a: Classifier, model_b: Classifier, data: LabeledImages, cfg: Mapping,
-                 seed: int) -> Classifier:
-    """A merge of two target-trained networks of the same architecture (different initialisations),
-    BN statistics recomputed on ``data`` afterwards: ``average`` (unit by unit), ``permutation``
-    (Git Re-Basin weight matching), ``permutation_act`` (activation matching, the authors'
-    ``match_tensors_permute``) or ``zipit`` (ZipIt!, r = 0.5)."""
-    if method not in MERGES:
-        raise ValueError(f"unknown merge {method!r}; valid: {', '.join(MERGES)}")
-    a, b = model_a.state_dict(), model_b.state_dict()
-    spec = alignment.permutation_spec(model_a)
-    if method == "average":
-        state = merge.linear_interpolation(a, b, 0.5)
-    elif method == "permutation":
-        perms = alignment.weight_matching(spec, a, b, max_iter=cfg["wm_iters"], seed=seed)
-        state = alignment.permute_average(spec, a, b, perms)
-    else:
-        images = data.images[:cfg["match_images"]]
-        cov = alignment.feature_covariance(model_a, model_b, spec, images)
-        kw = {"alpha": cfg["zipit_alpha"], "beta": cfg["zipit_beta"]} if method == "zipit" else {}
-        mats = alignment.match_features(spec, cov, "zipit" if method == "zipit" else "permute", **kw)
-        state = alignment.zip_merge(spec, a, b, mats)
-    out = copy.deepcopy(model_a)
-    out.load_state_dict(state)
-    return recompute_bn(out, data)
-
-
-# ------------------------------------------------------------------------------- experiments
 
 def _run_key(cfg: Mapping, arch: str, medical: str, target: str, seed: int, **extra) -> dict:
     keys = ("scale", "image_size", "max_per_split", "natural_source", "lp_epochs", "lp_lr", "w_lr", "ft_epochs",
@@ -365,9 +82,9 @@ def _run_key(cfg: Mapping, arch: str, medical: str, target: str, seed: int, **ex
         natural = {"book": cfg["profile"], **({k: v for k, v in vars(PRETRAIN[cfg["profile"]]).items()}
                                               if cfg["profile"] in PRETRAIN else {})}
     else:
-        natural = _source_key(arch, cfg["natural_source"], cfg, 0)
+        natural = source_key(arch, cfg["natural_source"], cfg, 0)
     key.update(chapter=CHAPTER, version=VERSION, profile=cfg["profile"], arch=arch, target=str(target), seed=seed,
-               natural=natural, medical=_source_key(arch, medical, cfg, cfg["source_init_seed"]))
+               natural=natural, medical=source_key(arch, medical, cfg, cfg["source_init_seed"]))
     key.update(extra)
     return key
 
@@ -398,8 +115,9 @@ def run_experiment(arch: str, medical: str, target: str, seed: int, cfg: Mapping
                    ablations: Sequence[tuple] = (), keep_states: bool = False, verbose: bool = True) -> dict:
     """Every method of the chapter on one (backbone, medical source, target, seed).
 
-    Returns ``{"results": [rows], "weights": [rows], "states": {method: model}}``: one result row
-    per method (accuracy, macro F1, kappa on the target's test split), per-layer mean kernel
+    Returns ``{"results": [rows], "weights": [rows], "states": {method: model}, "mean_class_recall":
+    {method: value}}``: one result row per method (accuracy, macro F1, kappa on the target's test
+    split; the mean class recall of each apart, so that the result table keeps its columns), per-layer mean kernel
     weights of MedMerge, of merging with zeros and of each ablation, and (``keep_states``) the
     trained networks for the loss-surface planes. Every trained network is cached (resumable).
     """
@@ -412,8 +130,12 @@ def run_experiment(arch: str, medical: str, target: str, seed: int, cfg: Mapping
     tags = {"arch": arch, "medical": str(medical), "target": data.name, "seed": seed}
     rows, wrows, states = [], [], {}
 
+    recall = {}
+
     def record(method, model, stage):
-        rows.append({**tags, "method": method, "stage": stage, **evaluate(model, data.test, ordinal)})
+        scores = evaluate(model, data.test, ordinal, recall=True)
+        recall[method] = scores.pop("mean_class_recall")
+        rows.append({**tags, "method": method, "stage": stage, **scores})
         if keep_states:
             states[method] = model
 
@@ -451,7 +173,7 @@ def run_experiment(arch: str, medical: str, target: str, seed: int, cfg: Mapping
             record(f"{method}_lp", probed, "probe")
             record(method, final, "final")
         wrows += _layer_rows(w, **tags, variant=method)
-    return {"results": rows, "weights": wrows, "states": states}
+    return {"results": rows, "weights": wrows, "states": states, "mean_class_recall": recall}
 
 
 def plane_states(states: Mapping[str, nn.Module], merges: Iterable[str]) -> dict[str, list]:
@@ -477,45 +199,80 @@ def compute_plane(arch: str, target: str, seed: int, cfg: Mapping, states: Mappi
                       desc=f"plane {merge_name}")
 
 
-# ------------------------------------------------------------------------------- tables and claims
+# ------------------------------------------------------------------------------- one interface
 
-def summary_table(results: pd.DataFrame, metrics: Sequence[str] = ("macro_f1", "accuracy", "kappa")) -> pd.DataFrame:
-    """Mean and std over seeds of each metric per (arch, target, method), in % (kappa x 100)."""
-    main = results[~results["method"].str.startswith("ablation:")]
-    g = main.groupby(["arch", "target", "method"], sort=False)
-    out = g[list(metrics)].agg(["mean", "std"]) * 100
-    out.columns = [f"{m} {s}" for m, s in out.columns]
-    out["seeds"] = g.size()
-    return out.reset_index()
-
-
-def gaps(results: pd.DataFrame, method: str, baselines: Sequence[str], metric: str = "macro_f1") -> pd.DataFrame:
-    """Per (arch, target): ``method`` minus the *best* of ``baselines`` (best by mean over seeds),
-    in points; paired per seed, with the std over seeds of the paired difference."""
-    rows = []
-    for (arch, target), grp in results.groupby(["arch", "target"], sort=False):
-        piv = grp.pivot_table(index="seed", columns="method", values=metric)
-        have = [b for b in baselines if b in piv]
-        if method not in piv or not have:
-            continue
-        best = max(have, key=lambda b: piv[b].mean())
-        diff = (piv[method] - piv[best]) * 100
-        rows.append({"arch": arch, "target": target, "best baseline": METHOD_LABELS.get(best, best),
-                     f"{method} {metric}": piv[method].mean() * 100, f"baseline {metric}": piv[best].mean() * 100,
-                     "gap (points)": diff.mean(), "gap std": diff.std(ddof=1) if len(diff) > 1 else float("nan"),
-                     "seeds won": int((diff > 0).sum()), "seeds": int(len(diff))})
-    return pd.DataFrame(rows)
+def result_config(cfg: Mapping, arch: str, medical: str, target: str, seed: int, method: str) -> dict:
+    """What identifies one method's score, for the run cache: the networks' key and, for a merge of
+    fine-tuned models (not cached as a network), the merge's settings."""
+    if method in MERGES:
+        extra = {"merge": {k: cfg[k] for k in ("wm_iters", "match_images", "zipit_alpha", "zipit_beta")}}
+    elif method.startswith(("medmerge", "zeros")):
+        extra = {"init": cfg["init"], "parametrisation": cfg["parametrisation"], "learn_w": True}
+    else:
+        extra = {}
+    return {**_run_key(cfg, arch, medical, target, seed, method=method, **extra),
+            "benchmark": benchmark_name(arch, medical, target)}
 
 
-def judge(gap_table: pd.DataFrame) -> bool | None:
-    """True when the mean gap is positive in every experiment and, pooled over experiments, more
-    seeds are won than lost; False when the mean gap is <= 0 in every experiment; else None (also
-    with fewer than two seeds per experiment: one seed supports nothing)."""
-    if gap_table.empty or gap_table["seeds"].min() < 2:
-        return None
-    g = gap_table["gap (points)"]
-    if (g > 0).all() and gap_table["seeds won"].sum() > gap_table["seeds"].sum() / 2:
-        return True
-    if (g <= 0).all():
-        return False
-    return None
+def as_result(row: Mapping, mean_class_recall: float) -> ContinualResult:
+    """One method's test scores on one target as the book's result: one task, ``R = [[accuracy]]``."""
+    extra = {k: float(row[k]) for k in ("macro_f1", "kappa")}
+    extra.update(mean_class_recall=float(mean_class_recall), stage=row["stage"], seed=int(row["seed"]))
+    return ContinualResult(method=row["method"], R=[[float(row["accuracy"])]], acc_seen=[float(row["accuracy"])],
+                           extra=extra)
+
+
+def cache_results(cfg: Mapping, arch: str, medical: str, target: str, seed: int, experiment: Mapping,
+                  skip: str | None = None) -> dict:
+    """Every method's result of one :func:`run_experiment` in the run cache (``results/<profile>/
+    medmerge/runs``), where :func:`run` reads it; returns ``{method: ContinualResult}``. ``skip``:
+    a method returned but not cached here (its caller caches it, holding that entry's lock)."""
+    out = {}
+    for row in experiment["results"]:
+        if row["method"] in experiment["mean_class_recall"]:
+            result = as_result(row, experiment["mean_class_recall"][row["method"]])
+            config = result_config(cfg, arch, medical, target, seed, row["method"])
+            out[row["method"]] = result if row["method"] == skip else cached_run(
+                cfg["profile"], CHAPTER, config, lambda: result)
+    return out
+
+
+def run(method: str, benchmark: str, profile: str, seed: int = 0, **overrides) -> ContinualResult:
+    """One method's score on one ``benchmark`` (``"arch:medical->target"``, as the profile's
+    ``benchmarks`` spell it) and seed: read from the run cache when the chapter (or an earlier call)
+    computed it, otherwise :func:`run_experiment` is run (its networks cached) and every method's
+    result cached. ``overrides`` are profile settings. MedMerge is transfer, not continual: one task,
+    ``extra`` holds ``macro_f1``, ``kappa`` and ``mean_class_recall``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    arch, medical, target = parse_benchmark(benchmark)
+    cfg = configure(profile, seed, backbone=arch, source_medical=medical, target=target, **overrides)
+    if method in MERGES and method not in cfg["merges"]:
+        cfg["merges"] += (method,)
+    config = result_config(cfg, arch, medical, target, seed, method)
+    return cached_run(profile, CHAPTER, config, lambda: cache_results(
+        cfg, arch, medical, target, seed, run_experiment(arch, medical, target, seed, cfg, verbose=False),
+        skip=method)[method])
+
+
+def run_chapter(cfg: Mapping, out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, nn.Module]]:
+    """Every run of the profile (each benchmark and seed; the ablations on the first benchmark), each
+    method's result cached for :func:`run`; writes ``results.csv`` and ``kernel_weights.csv`` to
+    ``out``. Returns the results, the per-layer kernel weights and the networks of the first run
+    (for the loss-surface planes)."""
+    rows, wrows, plane_models = [], [], None
+    jobs = [(i, r, s) for i, r in enumerate(cfg["runs"]) for s in cfg["seed_list"]]
+    for i, (arch, medical, target), s in tqdm(jobs, desc="experiments"):
+        first = i == 0 and s == cfg["seed_list"][0]
+        res = run_experiment(arch, medical, target, s, cfg, ablations=cfg["ablations"] if i == 0 else (),
+                             keep_states=first, verbose=False)
+        cache_results(cfg, arch, medical, target, s, res)
+        rows += res["results"]
+        wrows += res["weights"]
+        if first:
+            plane_models = res["states"]
+    results, weights = pd.DataFrame(rows), pd.DataFrame(wrows)
+    write_csv(out / "results.csv", results)
+    write_csv(out / "kernel_weights.csv", weights)
+    print(f"{len(results)} result rows, {results['seed'].nunique()} seed(s), written to {out}")
+    return results, weights, plane_models
