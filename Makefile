@@ -9,12 +9,13 @@ PY := $(VENV)/bin/python
 MATHJAX := book/_vendor/mathjax/tex-chtml.js
 MATHJAX_VERSION := 3.2.2
 
-.PHONY: book notebooks html test unit data lab browser browse clean clean-cache help grid slurm
+.PHONY: book notebooks html test unit data lab browser browse clean clean-cache help grid slurm gpu-check
 
 help:
 	@echo "make book [PROFILE=smoke|cpu|paper]  execute every notebook with papermill, build _build/html"
 	@echo "make test                            unit tests, smoke notebooks under nbval, book + browser test"
 	@echo "make grid [PROFILE=..] [EXECUTOR=local|slurm|debug] [GRID_ARGS=..]  every chapter's runs, in parallel (book/cluster.md)"
+	@echo "make gpu-check [GPU_CHECK_ARGS=..]    each chapter's paper networks trained, merged, evaluated on CUDA (<= 8 min)"
 	@echo "make data                            check (and download where allowed) every dataset under CMM_DATA"
 	@echo "make lab                             JupyterLab on notebooks/"
 	@echo "make browse                          open every page of the last built book in headless Chromium"
@@ -70,6 +71,14 @@ grid: $(VENV)/.installed
 test: $(VENV)/.installed $(MATHJAX) browser slurm
 	$(PY) -m cmm_utils.runner execute --profile smoke
 	$(PY) -m pytest tests runs/smoke/notebooks --nbval-lax
+
+# Each chapter's paper-profile networks (random weights, the 224 px HAM10000 JPEGs under CMM_DATA) for a
+# few steps, a merge and an evaluation on one GPU: device placement, images/s, peak memory; no network.
+# Not part of `make test` (its `--device cpu --tiny` dry run is: tests/test_gpu_check.py).
+# e.g. make gpu-check GPU_CHECK_ARGS="--device cuda:1 --precision amp-bf16"
+GPU_CHECK_ARGS ?=
+gpu-check: $(VENV)/.installed
+	$(PY) -m cmm_utils.gpu_check --device cuda $(GPU_CHECK_ARGS)
 
 # the headless-browser check of the last built book, whatever its profile (make book PROFILE=cpu && make browse)
 browse: $(VENV)/.installed browser

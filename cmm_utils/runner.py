@@ -74,8 +74,13 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    from cmm_utils.core.device import device, precision
+
+    dev = device()
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
             "torch_cuda": torch.version.cuda or "none", "cuda_available": torch.cuda.is_available(),
+            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "none",
+            "device": str(dev), "precision": precision(),
             "threads": torch.get_num_threads(), "python": sys.version.split()[0], "platform": platform.platform()}
 
 

@@ -57,8 +57,8 @@ const mathjax = document.querySelectorAll('mjx-container').length;
 const rawMath = [...document.querySelectorAll('.math')].filter(e => !e.querySelector('mjx-container')).length;
 // code a reader sees without opening anything: input cells' lines that are laid out on the page
 const visibleCodeLines = [...document.querySelectorAll('.cell_input pre')]
-    .filter(e => e.getClientRects().length > 0)
-    .reduce((n, e) => n + e.innerText.replace(/\n+$/, '').split('\n').length, 0);
+    .filter(e => (e.checkVisibility ? e.checkVisibility() : e.getClientRects().length > 0))
+    .reduce((n, e) => n + e.innerText.replace(/\\n+$/, "").split("\\n").length, 0);
 const figures = document.querySelectorAll('.cell_output img').length;
 const tables = document.querySelectorAll('.cell_output table').length;
 return {imgs, links, ids, errors, title: document.title, mathjax, rawMath, visibleCodeLines, figures, tables};

@@ -4,7 +4,8 @@ Every file under ``A`` must exist under ``B`` with the same content. Wall-clock 
 (keys or columns naming seconds, milliseconds, latency or timestamps) differ between any two runs
 and are left out of the comparison; everything else must match exactly: JSON values, CSV cells as
 text, npz arrays bit for bit, other files byte for byte. Prints one line per differing file and
-exits 1 when any differ. Used to show that a refactor changed no result (README, "Refactors").
+exits 1 when any differ. Used to show that a refactor changed no result, and by the resume and grid
+tests (a killed-then-resumed or parallel run must equal a clean sequential one).
 """
 from __future__ import annotations
 

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -16,8 +15,6 @@ from cmm_utils.core.data import LabeledImages, Scenario, Task
 from cmm_utils.core.models.heads import FrozenHead, HeadedModel
 from cmm_utils.core.profiles import check_table
 from cmm_utils.core.train import FitConfig
-from cmm_utils.core.verdicts import NOT_SUPPORTED, SUPPORTED
-from cmm_utils.papers.cmm import claims as cmm_claims
 from cmm_utils.papers.cmm import figures as cmm_figures
 from cmm_utils.papers.cmm import runs as cmm_runs
 from cmm_utils.papers.cmm.baselines import run_seq_baseline
@@ -336,40 +333,7 @@ def test_profiles_follow_the_common_schema():
     assert {"CHAPTER", "TITLE", "PROFILES", "METHODS", "run"} <= set(cmm_paper.__all__)
 
 
-def claim_frames(acc: dict, corrected_by: float, bytes_per_task: list, seeds=(0, 1, 2)):
-    """Hand-made chapter artifacts on one scenario "toy": final accuracy (= mean class recall) per
-    method with a per-seed offset, a mismatch log whose correction moves the distance by
-    ``corrected_by`` (negative: it shrinks), and the bytes CMM carried."""
-    runs = pd.DataFrame([dict(benchmark="toy", method=m, seed=s, final_acc=a + 0.01 * s,
-                              mean_class_recall=a + 0.01 * s) for s in seeds for m, a in acc.items()])
-    mismatch = pd.DataFrame([dict(seed=s, task=t, data=d, stage=stage, l1=0.5 + (corrected_by if stage == "after" else 0))
-                             for s in seeds for t in (1, 2) for d in ("current", "old") for stage in ("before", "after")])
-    return runs, mismatch, bytes_per_task
-
-
-def test_claims_supported_and_not_supported_on_hand_made_frames():
-    ablations = ("cmm-no-linear", "cmm-no-fisher", "cmm-no-correction")
-    good = {"cmm": 0.80, "magmax": 0.70, "average": 0.60, "seq-ft": 0.40, **{m: 0.60 for m in ablations}}
-    runs, mismatch, b = claim_frames(good, -0.1, [100, 100, 100])
-    claims = {c.id: c for c in cmm_claims.judge_claims(runs, {"toy": 0.5}, b, mismatch, "l1", "toy")}
-    for cid in ("competitive", "constant-memory", "linearisation", "importance-merge", "correction", "mismatch"):
-        assert claims[cid].verdict == SUPPORTED, (cid, claims[cid].ours)
-    assert claims["paper-scale"].verdict == "not run"
-
-    bad = {"cmm": 0.60, "magmax": 0.80, "average": 0.60, "seq-ft": 0.40, **{m: 0.70 for m in ablations}}
-    runs, mismatch, b = claim_frames(bad, +0.1, [100, 200, 300])
-    claims = {c.id: c for c in cmm_claims.judge_claims(runs, {"toy": 0.3}, b, mismatch, "l1", "toy")}
-    for cid in ("competitive", "constant-memory", "linearisation", "importance-merge", "correction", "mismatch"):
-        assert claims[cid].verdict == NOT_SUPPORTED, (cid, claims[cid].ours)
-    # within the margin below MagMax is still competitive; below the majority floor it is not tested
-    close = {**good, "cmm": 0.69}
-    runs, mismatch, b = claim_frames(close, -0.1, [100, 100, 100])
-    judged = {c.id: c for c in cmm_claims.judge_claims(runs, {"toy": 0.5}, b, mismatch, "l1", "toy")}
-    assert judged["competitive"].verdict == SUPPORTED
-    judged = {c.id: c for c in cmm_claims.judge_claims(runs, {"toy": 0.85}, b, mismatch, "l1", "toy")}
-    assert judged["competitive"].verdict == "inconclusive"
-    text = cmm_claims.summary(runs, list(judged.values()), {"toy": 0.85}, "toy", "smoke", 3, b)
-    assert "toy (smoke profile, 3 seed(s))" in text
+# The claims on hand-made frames (paired-bootstrap verdicts, regime checks): tests/test_regime_cmm.py
 
 
 # ----------------------------------------------------------------------------- paper profile

@@ -176,3 +176,35 @@ def test_an_informative_regime_passes():
     assert reg.passed, reg.table()
     geo = regime.task_vector_geometry(tvs)
     assert geo["mean_pairwise_cosine"] == pytest.approx(0.0) and geo["norms"] == [1.0, 1.0]
+
+
+def test_paired_bootstrap_metric_recall_matches_balanced_accuracy_and_is_paired():
+    from sklearn.metrics import balanced_accuracy_score
+    y = np.repeat([0, 1, 2], [300, 30, 30])  # imbalanced: recall is not accuracy
+    a, b = y.copy(), y.copy()
+    a[300:315] = 0           # a misses half of class 1
+    b[:] = 0                 # b: the majority predictor
+    est, (lo, hi) = verdicts.paired_bootstrap_metric([a], [b], [y], "mean_class_recall", n_boot=500)
+    assert est == pytest.approx(balanced_accuracy_score(y, a) - balanced_accuracy_score(y, b))
+    assert lo <= est <= hi and lo > 0
+    acc, _ = verdicts.paired_bootstrap_metric([a], [b], [y], "accuracy", n_boot=200)
+    assert acc == pytest.approx(np.mean(a == y) - np.mean(b == y))
+    with pytest.raises(ValueError, match="unknown metric 'f1'; valid: accuracy, mean_class_recall"):
+        verdicts.paired_bootstrap_metric([a], [b], [y], "f1")
+    with pytest.raises(ValueError, match="one prediction array per unit"):
+        verdicts.paired_bootstrap_metric([a, a], [b], [y])
+
+
+def test_shift_gap_and_combine_scenarios():
+    c = verdicts.Claim("c", "a beats b", 1, "src", "a − b > 0")
+    near = verdicts.judge_gap(c, [-0.01, -0.011, -0.012])  # clearly below 0, within a 2-point margin
+    assert near.verdict == verdicts.NOT_SUPPORTED
+    assert verdicts.shift_gap(near, 0.02).verdict == verdicts.SUPPORTED
+    assert verdicts.shift_gap(near, 0.02).interval == near.interval  # shown as measured
+    up = verdicts.judge_gap(c, [0.05, 0.06, 0.055])
+    failing = verdicts.not_testable(c, "s3: joint = 0.1 (needs >= 0.2)")
+    both = verdicts.combine_scenarios(c, {"s1": up, "s2": near, "s3": failing})
+    assert both.verdict == verdicts.NOT_SUPPORTED and "s3: joint = 0.1" in both.ours
+    assert verdicts.combine_scenarios(c, {"s1": up, "s3": failing}).verdict == verdicts.SUPPORTED
+    assert verdicts.combine_scenarios(c, {"s3": failing}).verdict == verdicts.NOT_TESTABLE
+    assert verdicts.combine_scenarios(c, {"s1": verdicts.not_run(c, "no data")}).verdict == verdicts.NOT_RUN

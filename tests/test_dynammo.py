@@ -266,6 +266,7 @@ def test_stage1_resumes_from_its_checkpoint(small_backbone, tmp_path):
     for a, b in zip(straight.adapters, resumed.adapters):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(straight.memories[-1].images, resumed.memories[-1].images)
+    assert torch.equal(straight.balanced[-1].images, resumed.balanced[-1].images)  # stage 2's set resumes too
     assert [p.name for p in ck.glob("*.safetensors")] == ["stage1-task1.safetensors"]
 
 

@@ -18,9 +18,8 @@ from cmm_utils.core.models import build_backbone
 from cmm_utils.core.models.clip import CIFAR100_TEMPLATES, IMAGENET_TEMPLATES
 from cmm_utils.core.models.heads import FrozenHead, HeadedModel, fixed_head_weight
 from cmm_utils.core.profiles import check_table
-from cmm_utils.core.verdicts import INCONCLUSIVE, NOT_RUN, NOT_SUPPORTED, SUPPORTED
 from cmm_utils.papers import magmax
-from cmm_utils.papers.magmax import analysis, chapter, claims, experiment
+from cmm_utils.papers.magmax import analysis, chapter, experiment
 from cmm_utils.papers.magmax import data as magmax_data
 from cmm_utils.papers.magmax import method as mm
 from cmm_utils.papers.magmax.profiles import PROFILES
@@ -301,26 +300,4 @@ def test_run_returns_a_cached_result_with_mean_class_recall(tiny, tmp_path, monk
         magmax.run("maxmag", "pathmnist_1k-cil3", "smoke", 0)
 
 
-def _summary(acc: dict[str, float], bench: str = "b1") -> pd.DataFrame:
-    return pd.DataFrame([{"benchmark": bench, "seed": 0, "method": m, "final_acc": a, "mean_class_recall": a}
-                         for m, a in acc.items()])
-
-
-def test_claims_supported_and_not_supported_on_hand_made_frames():
-    lambdas = pd.DataFrame([{"benchmark": "b1", "seed": 0, "merge": "magmax", "regime": "sequential",
-                             "test_acc_paper_lambda": 0.60, "test_acc_chosen_lambda": 0.61}])
-    good = _summary({"seq-ft": 0.40, "average": 0.58, "random": 0.57, "ties": 0.50, "magmax": 0.60,
-                     "average-ind": 0.50, "random-ind": 0.50, "ties-ind": 0.45, "magmax-ind": 0.55})
-    judged = {c.id: c for c in claims.judge_claims(good, lambdas)}
-    assert judged["headline"].verdict == NOT_RUN
-    assert all(judged[k].verdict == SUPPORTED for k in ("best-merge", "simple-merges", "sequential-helps", "fixed-lambda"))
-    bad = _summary({"seq-ft": 0.40, "average": 0.40, "random": 0.45, "ties": 0.70, "magmax": 0.50,
-                    "average-ind": 0.50, "random-ind": 0.50, "ties-ind": 0.75, "magmax-ind": 0.55})
-    far = lambdas.assign(test_acc_chosen_lambda=0.70)
-    judged = {c.id: c for c in claims.judge_claims(bad, far)}
-    assert all(judged[k].verdict == NOT_SUPPORTED for k in ("best-merge", "simple-merges", "sequential-helps", "fixed-lambda"))
-    headline = _summary({"magmax": 0.765}, bench=claims.HEADLINE_BENCHMARK)
-    assert claims.judge_claims(headline, lambdas.iloc[:0])[0].verdict == SUPPORTED
-    text = claims.verdict_summary(list(judged.values()), bad, "smoke", 1)
-    assert "0 of 5 checked claims are supported, 4 not" in text and "b1: ties-ind (75.0 %)" in text
-    assert INCONCLUSIVE not in {c.verdict for c in judged.values()}
+# The claims on hand-made frames (paired-bootstrap verdicts, regime checks): tests/test_regime_magmax.py

@@ -41,7 +41,7 @@ def test_configure_applies_parameters_and_rejects_bad_values(tmp_path):
     assert one["runs"] == (("resnet18", "pathmnist_1k", str(tmp_path / "x.npz")),)
     paper = prof.configure("paper")
     assert {r[2] for r in paper["runs"]} == {"isic2019", "aptos2019"}
-    assert {r[0] for r in paper["runs"]} == {"densenet121", "resnet50"}
+    assert {r[0] for r in paper["runs"]} == {"resnet18", "densenet121", "resnet50"}  # ResNet-18: the paper's Fig. 2
     assert dict((t, m) for _, m, t in paper["runs"]) == {"isic2019": "ham10000_full", "aptos2019": "eyepacs"}
     small = prof.configure("smoke", max_per_split=10)
     assert len(src.load_target("pathmnist_1k", 0, small).train) == 10

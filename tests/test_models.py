@@ -36,3 +36,35 @@ def test_pretraining_is_cached_and_reused(tmp_path, monkeypatch):
     pretrained_backbone("resnet18", scale="cpu", image_size=28, cfg=PretrainConfig(**{**cfg.__dict__, "lr": 1e-3}),
                         verbose=False)
     assert len(list((tmp_path / "backbones").glob("*.safetensors"))) == 2
+
+
+def test_paper_scale_cnns_carry_the_torchvision_imagenet_tag():
+    """Issue 13, item 2: the authors used torchvision's ImageNet weights; timm's default tags
+    (``resnet18.a1_in1k``, ``densenet121.ra_in1k``) are other recipes."""
+    from cmm_utils.core.models.weights import TIMM_TAGS, timm_spec
+
+    for arch, timm_name in (("resnet18", "resnet18"), ("resnet50", "resnet50"), ("densenet121", "densenet121")):
+        assert timm_spec(timm_name).stem == f"{timm_name}.tv_in1k"
+        assert timm_spec(timm_name).hub_id == f"timm/{timm_name}.tv_in1k"
+        assert build_backbone(arch, scale="paper", image_size=224).pretrained_cfg["tag"] == "tv_in1k"
+    assert TIMM_TAGS["densenet121"] == "tv_in1k"
+    with pytest.raises(ValueError, match="no pinned ImageNet weights for timm model 'resnet34'.*resnet18"):
+        timm_spec("resnet34")
+
+
+def test_pretrained_paper_backbone_asks_timm_for_the_tv_tag(monkeypatch, tmp_path):
+    """The name passed to timm with ``pretrained=True`` (no download: create_model is recorded)."""
+    import timm
+
+    from cmm_utils.core.models import weights
+
+    calls = []
+    monkeypatch.setattr(timm, "create_model", lambda name, **kw: calls.append((name, kw)) or torch.nn.Identity())
+    monkeypatch.setenv("CMM_WEIGHTS", str(tmp_path))
+    monkeypatch.setenv("CMM_WEIGHTS_DOWNLOAD", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    for arch in ("resnet18", "resnet50", "densenet121"):
+        build_backbone(arch, scale="paper", image_size=224, pretrained=True)
+    assert [c[0] for c in calls] == ["resnet18.tv_in1k", "resnet50.tv_in1k", "densenet121.tv_in1k"]
+    assert all(kw["pretrained"] is True and kw["num_classes"] == 0 for _, kw in calls)
+    assert weights.download_allowed()

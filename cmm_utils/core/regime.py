@@ -125,12 +125,13 @@ def continual_regime(scenario: str, *, num_classes: int, test_labels, joint_reca
                      seqft_R: Sequence[Sequence[float]], task_classes: Sequence[Sequence[int]],
                      theta0_recall: float | None = None, task_aware_R: Sequence[Sequence[float]] | None = None,
                      task_vectors: Sequence[Mapping[str, torch.Tensor]] | None = None,
-                     joint_margin: float = JOINT_MARGIN, min_forgetting: float = MIN_FORGETTING,
+                     geometry: Mapping | None = None, joint_margin: float = JOINT_MARGIN, min_forgetting: float = MIN_FORGETTING,
                      diagonal_factor: float = DIAGONAL_FACTOR,
                      max_cosine: float = MAX_TASK_VECTOR_COSINE) -> Regime:
     """The standard checks of a continual scenario from a chapter's own runs: the floors, θ0,
     joint training, sequential fine-tuning's ``R`` (task-agnostic, and task-aware if given) and,
-    for merging chapters, the task vectors."""
+    for merging chapters, the task vectors (or their ``geometry`` from :func:`task_vector_geometry`,
+    e.g. averaged over seeds: ``norms`` and ``mean_pairwise_cosine``)."""
     f = floors(test_labels, num_classes)
     best_floor = max(f["recall_floor"], theta0_recall if theta0_recall is not None else 0.0)
     checks = [reported("chance accuracy", f["chance"]), reported("majority-class accuracy", f["majority"])]
@@ -143,8 +144,10 @@ def continual_regime(scenario: str, *, num_classes: int, test_labels, joint_reca
         checks += diagonal_checks(task_aware_R, task_classes, task_aware=True, factor=diagonal_factor)
     if len(task_classes) > 1:
         checks.append(at_least("seq-ft forgetting", forgetting(np.asarray(seqft_R, dtype=float)), min_forgetting))
-    if task_vectors is not None and len(task_vectors) > 1:
-        geo = task_vector_geometry(task_vectors)
+    if geometry is None and task_vectors is not None and len(task_vectors) > 1:
+        geometry = task_vector_geometry(task_vectors)
+    if geometry is not None:
+        geo = geometry
         checks.append(at_most("task vectors' mean pairwise cosine", geo["mean_pairwise_cosine"], max_cosine,
                               "norms " + ", ".join(f"{n:.3g}" for n in geo["norms"])))
     return Regime(scenario, tuple(checks))

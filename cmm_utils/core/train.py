@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cmm_utils.core.data import LabeledImages
+from cmm_utils.core.device import MixedPrecision, device, to_device  # noqa: F401  (CMM_DEVICE, CMM_PRECISION)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,10 +32,6 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def to_float(images: torch.Tensor, *, train: bool = False, generator: torch.Generator | None = None,
              mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """uint8 ``[B, C, H, W]`` to normalised float; in training, a seeded per-sample horizontal flip."""
@@ -47,11 +44,18 @@ def to_float(images: torch.Tensor, *, train: bool = False, generator: torch.Gene
     return (x - m) / s
 
 
-def batches(data: LabeledImages, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None):
+def batches(data: LabeledImages, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+            pin_memory: bool | None = None):
+    """``(images, labels)`` batches of ``data`` in a seeded order. The images are in memory already
+    (decoded once at load), so a batch is one gather; on CUDA (``pin_memory`` None: when the device
+    setting is CUDA) it lands in pinned memory, as a DataLoader's ``pin_memory`` would put it, so the
+    copy to the GPU is a DMA transfer (asynchronous with ``.to(dev, non_blocking=True)``)."""
+    pin = device().type == "cuda" if pin_memory is None else pin_memory
     order = torch.randperm(len(data), generator=generator) if shuffle else torch.arange(len(data))
     for start in range(0, len(data), batch_size):
         idx = order[start:start + batch_size]
-        yield data.images[idx], data.labels[idx]
+        images, labels = data.images[idx], data.labels[idx]
+        yield (images.pin_memory(), labels.pin_memory()) if pin else (images, labels)
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, weight_decay: float = 0.0,
@@ -163,22 +167,24 @@ def fit(model: nn.Module, data: LabeledImages, cfg: FitConfig, *, seed: int = 0,
     loss_fn = loss_fn or (lambda m, x, y: F.cross_entropy(m(x), y))
     (train_mode or (lambda m: m.train()))(model)
     result = FitResult(opt)
+    amp = MixedPrecision(dev)  # CMM_PRECISION on CUDA; fp32 (exactly the plain loop) elsewhere
     with tqdm(total=total, desc=desc, leave=False) as bar:
         for _ in range(cfg.epochs):
             for images, labels in batches(data, cfg.batch_size, shuffle=True, generator=gen):
                 if result.steps >= total:
                     break
                 x = to_float(images.to(dev), train=cfg.augment, generator=gen)
-                loss = loss_fn(model, x, labels.to(dev))
+                with amp.autocast():
+                    loss = loss_fn(model, x, labels.to(dev))
                 value = float(loss.detach())
                 check_finite_loss(value, desc, result.steps, total, opt)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                amp.backward(loss, opt)
                 if cfg.clip_grad:
                     torch.nn.utils.clip_grad_norm_(
                         [p for g in params for p in g["params"]] if isinstance(params[0], dict) else params,
                         cfg.clip_grad)
-                opt.step()
+                amp.step(opt)
                 sched.step()
                 result.losses.append(value)
                 result.steps += 1
@@ -196,7 +202,8 @@ def predict(fn: Callable[[torch.Tensor], torch.Tensor], data: LabeledImages, bat
         dev = next(fn.parameters()).device
     else:
         dev = device()
-    outs = [fn(to_float(images.to(dev))).float().cpu() for images, _ in batches(data, batch_size, shuffle=False)]
+    with MixedPrecision(dev).autocast():
+        outs = [fn(to_float(images.to(dev))).float().cpu() for images, _ in batches(data, batch_size, shuffle=False)]
     return torch.cat(outs) if outs else torch.empty(0)
 
 

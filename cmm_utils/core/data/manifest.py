@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 MANIFEST_DIR = Path(__file__).resolve().parents[3] / "data_manifests"
-FORMATS = ("npz", "idx_gz", "cifar_binary_tar", "image_folder_csv")
+FORMATS = ("npz", "idx_gz", "cifar_binary_tar", "cifar_python", "image_folder_csv")
 # image_folder_csv file roles: a label file per split (``labels`` = one pool), and ``metadata``
 LABEL_ROLES = {"labels": "pool", "train_labels": "train", "val_labels": "val", "test_labels": "test"}
 TABLE_ROLES = (*LABEL_ROLES, "metadata")
@@ -38,6 +38,14 @@ class FileSpec:
     md5: str | None = None
     content_md5: str | None = None
     role: str | None = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Another on-disk form of the same data (torchvision's pickled CIFAR beside the binary
+    release), read when the manifest's own files are missing."""
+    format: str
+    files: tuple[FileSpec, ...]
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,7 @@ class Manifest:
     extension: str = ".jpg"
     paper_usage: str = ""
     source_file: str = ""
+    layouts: tuple[Layout, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -74,18 +83,24 @@ class Manifest:
 def _parse(raw: dict[str, Any], source_file: str) -> Manifest:
     if raw.get("format") not in FORMATS:
         raise DataError(f"{source_file}: format {raw.get('format')!r} is not one of {FORMATS}")
-    files = tuple(FileSpec(**{k: f.get(k) for k in ("path", "url", "md5", "content_md5", "role")})
-                  for f in raw.get("files") or [])
-    known = {f for f in Manifest.__dataclass_fields__} - {"files", "classes", "image_size", "source_file"}
+    layouts = tuple(Layout(str(lay.get("format")), _file_specs(lay.get("files"))) for lay in raw.get("layouts") or [])
+    bad = [lay.format for lay in layouts if lay.format not in FORMATS or not lay.files]
+    if bad:
+        raise DataError(f"{source_file}: layouts need files and a format of {FORMATS}; got format(s) {bad}")
+    known = {f for f in Manifest.__dataclass_fields__} - {"files", "classes", "image_size", "source_file", "layouts"}
     kwargs = {k: v for k, v in raw.items() if k in known and v is not None}
-    manifest = Manifest(files=files, classes=tuple(str(c) for c in raw["classes"]),
+    manifest = Manifest(files=_file_specs(raw.get("files")), classes=tuple(str(c) for c in raw["classes"]),
                         image_size=tuple(raw.get("image_size", (0, 0))), source_file=source_file,
-                        **kwargs)
+                        layouts=layouts, **kwargs)
     if manifest.format == "image_folder_csv":
         _check_roles(manifest)
         _check_group_columns(manifest)
     _check_expect_spec(manifest)
     return manifest
+
+
+def _file_specs(raw: list | None) -> tuple[FileSpec, ...]:
+    return tuple(FileSpec(**{k: f.get(k) for k in ("path", "url", "md5", "content_md5", "role")}) for f in raw or [])
 
 
 def role_columns(columns: dict[str, Any], role: str | None) -> dict[str, Any]:

@@ -3,21 +3,26 @@
 Every reader returns ``{split: (images uint8 [N, H, W, C], labels int64 [N], extras)}`` where
 ``split`` is ``train``/``val``/``test`` or ``pool`` (one pool the splitter divides), and ``extras``
 holds per-sample string arrays (``groups`` for lesion ids, ``split`` for a split column).
-No reader unpickles anything: CIFAR is read from its binary release, npz with ``allow_pickle=False``.
+No reader unpickles objects: CIFAR's binary release is read as bytes, torchvision's pickled
+``cifar-100-python`` by an unpickler that builds numpy arrays, lists and dicts and refuses any other
+global, npz with ``allow_pickle=False``.
 Every reader checks what it returns (:mod:`.validate`): a truncated or corrupt file, counts that
 differ, non-finite or out-of-range pixels, negative or fractional labels are a ``DataError``.
 """
 from __future__ import annotations
 
+import codecs
 import gzip
+import pickle
 import tarfile
 from itertools import combinations
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
+from numpy._core.multiarray import _reconstruct
 
+from cmm_utils.core.data.decode import decode_images
 from cmm_utils.core.data.manifest import LABEL_ROLES, DataError
 from cmm_utils.core.data.validate import check_arrays, check_images, check_labels, readable
 
@@ -38,7 +43,7 @@ def read_npz(path: Path, keys: dict[str, str] | None = None) -> Arrays:
         pool_images, pool_labels = keys.get("images", "images"), keys.get("labels", "labels")
         if not out and pool_images in files:
             extras = {name: np.asarray(data[keys[name]]).astype(str)
-                      for name in ("groups", "split") if name in keys}
+                      for name in ("groups", "split", "ids") if name in keys}
             out["pool"] = (check_images(data[pool_images], f"{path}:{pool_images}"),
                            check_labels(data[pool_labels], f"{path}:{pool_labels}"), extras)
         if not out:
@@ -94,6 +99,55 @@ def read_cifar_binary_tar(path: Path) -> Arrays:
     return check_arrays(out, str(path))
 
 
+# The only globals a CIFAR python pickle needs (numpy arrays of a plain dtype); ``_codecs.encode``
+# is how Python 3's protocol 2 writes bytes. Anything else (os.system, a class) is refused unrun.
+_PICKLE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"): _reconstruct,     # Python 2 / numpy 1 files
+                   ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+                   ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                   ("_codecs", "encode"): codecs.encode}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load the global {module}.{name}: a CIFAR python file "
+                                         "holds only dicts, lists and numpy arrays")
+        return _PICKLE_GLOBALS[(module, name)]
+
+
+def _unpickle_arrays(path: Path) -> dict:
+    with readable(path, "CIFAR python pickle"), open(path, "rb") as f:
+        try:
+            raw = _ArraysOnly(f, encoding="latin1").load()   # the files are Python 2 pickles, as torchvision reads them
+        except pickle.UnpicklingError as err:
+            raise DataError(f"{path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: holds a {type(raw).__name__}; expected a dict with data and labels")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in raw.items()}
+
+
+def read_cifar_python(files: dict[str, Path]) -> Arrays:
+    """torchvision's CIFAR layout (``cifar-100-python/{train,test}``): per file a pickled dict of
+    ``data`` uint8 ``(N, 3072)`` (R, G, B planes) and ``fine_labels`` (CIFAR-100) or ``labels``;
+    ``files`` maps ``train*``/``test*`` roles to paths, concatenated in role order per split. The
+    images and labels equal those of the binary release."""
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"train": [], "test": []}
+    for role, path in sorted(files.items()):
+        raw = _unpickle_arrays(path)
+        label_key = next((k for k in ("fine_labels", "labels") if k in raw), None)
+        data = np.asarray(raw.get("data", ()))
+        if label_key is None or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise DataError(f"{path}: keys {sorted(raw)}, data {data.dtype} {data.shape}; expected data uint8 "
+                            "(N, 3072) and fine_labels or labels")
+        images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        parts["test" if role.startswith("test") else "train"].append(
+            (images, check_labels(np.asarray(raw[label_key]), f"{path}:{label_key}")))
+    out: Arrays = {split: (np.ascontiguousarray(np.concatenate([p[0] for p in ps])),
+                           np.concatenate([p[1] for p in ps]), {})
+                   for split, ps in parts.items() if ps}
+    return check_arrays(out, str(next(iter(files.values()))))
+
+
 def read_image_folder_csv(files: dict[str, Path], images_dir: Path, columns: dict[str, Any],
                           extension: str = ".jpg", size: int | None = None, classes: Sequence[str] = (),
                           expect: dict[str, dict[str, Any]] | None = None) -> Arrays:
@@ -118,7 +172,8 @@ def read_image_folder_csv(files: dict[str, Path], images_dir: Path, columns: dic
         if missing:
             raise FileNotFoundError(f"{missing[0]} is listed in {t.path} but missing ({len(missing)} of "
                                     f"{len(t.ids)} listed images missing under {images_dir})")
-    out = {split: (_decode(images[split], size, t.path), check_labels(t.labels, str(t.path)), t.extras)
+    out = {split: (decode_images(images[split], size, listed_in=t.path), check_labels(t.labels, str(t.path)),
+                   {**t.extras, "ids": t.ids.astype(str)})
            for split, t in tables.items()}
     return check_arrays(out, str(next(iter(files.values()))))
 
@@ -135,19 +190,3 @@ def _check_disjoint(images: dict[str, list[Path]], tables: dict) -> None:
             raise ValueError(f"{len(shared)} images are in both the {a} list {tables[a].path} and the {b} "
                              f"list {tables[b].path}, e.g. {shared[0]!r}")
 
-
-def _decode(files: list[Path], size: int | None, listed_in: Path) -> np.ndarray:
-    from PIL import Image
-
-    images = []
-    for file in tqdm(files, desc=f"decoding {listed_in.name}", leave=False):
-        with Image.open(file) as im:
-            im = im.convert("RGB")
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            images.append(np.asarray(im))
-    shapes = sorted({im.shape[:2] for im in images})
-    if len(shapes) > 1:
-        raise ValueError(f"the images listed in {listed_in} differ in size ({len(shapes)} sizes (H, W), "
-                         f"e.g. {shapes[:3]}); pass size= to load_dataset to resize them as they load")
-    return np.stack(images)

@@ -14,6 +14,8 @@ from timm.models.densenet import DenseNet
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.models.vision_transformer import VisionTransformer
 
+from cmm_utils.core.models.weights import timm_spec, timm_weights
+
 ARCHS = ("resnet18", "resnet50", "densenet121", "vit_tiny", "vit_b16")
 SCALES = ("cpu", "paper")
 TIMM_NAMES = {"resnet18": "resnet18", "resnet50": "resnet50", "densenet121": "densenet121",
@@ -40,8 +42,10 @@ def build_backbone(arch: str, *, scale: str = "cpu", image_size: int = 28,
                    pretrained: bool = False) -> nn.Module:
     """A feature extractor (``num_classes=0``) with ``.num_features`` set.
 
-    ``scale="paper"`` builds the timm model by name; ``pretrained=True`` then loads the published
-    ImageNet weights from the Hugging Face hub (only where a network is there).
+    ``scale="paper"`` builds the timm model by name with the book's pinned weight tag
+    (:data:`cmm_utils.core.models.weights.TIMM_TAGS`: torchvision's ImageNet weights, ``*.tv_in1k``,
+    for the CNNs, as the authors used); ``pretrained=True`` loads them from ``CMM_WEIGHTS`` or the hub
+    (:func:`cmm_utils.core.models.weights.timm_weights`), else raises ``WeightsNotFound``.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown backbone {arch!r}; valid: {', '.join(ARCHS)}")
@@ -49,14 +53,9 @@ def build_backbone(arch: str, *, scale: str = "cpu", image_size: int = 28,
         raise ValueError(f"unknown scale {scale!r}; valid: {', '.join(SCALES)}")
     if scale == "paper":
         kwargs = {"img_size": image_size} if arch.startswith("vit") else {}
-        try:
-            return timm.create_model(TIMM_NAMES[arch], pretrained=pretrained, num_classes=0, **kwargs)
-        except Exception as err:  # hub errors come in many types
-            if not pretrained:
-                raise
-            raise RuntimeError(f"could not load the published {TIMM_NAMES[arch]} weights ({err}); "
-                               "the paper profile needs network access to the timm/Hugging Face hub "
-                               "or a populated HF cache") from err
+        if pretrained:
+            return timm_weights(TIMM_NAMES[arch], num_classes=0, **kwargs)
+        return timm.create_model(timm_spec(TIMM_NAMES[arch]).stem, pretrained=False, num_classes=0, **kwargs)
     if arch == "resnet18":
         return _small_stem_resnet(BasicBlock, (2, 2, 2, 2), (32, 64, 128, 256))
     if arch == "resnet50":

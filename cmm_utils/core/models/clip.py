@@ -6,12 +6,14 @@ batches (:class:`ClipImageEncoder`), the open_clip loader and the zero-shot head
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmm_utils.core.models.weights import WeightsNotFound, clip_spec, clip_weights, missing_message
 from cmm_utils.core.train import IMAGENET_MEAN, IMAGENET_STD
 
 # Prompt templates (src/datasets/templates.py; from CLIP's zero-shot notebooks): CIFAR-100 uses
@@ -72,14 +74,47 @@ class ClipImageEncoder(nn.Module):
         return self.visual(x)
 
 
-def clip_model(name: str = "ViT-B-16", pretrained: str | None = "openai"):
-    """``(model, tokenizer)`` from open_clip (an optional dependency, imported here only)."""
+def clip_arch(name: str, tag: str = "openai") -> str:
+    """The open_clip model to build for ``name`` so that it computes what the ``tag`` weights were
+    trained as: OpenAI's CLIP uses QuickGELU, but open_clip's plain ``"ViT-B-16"`` config has
+    ``nn.GELU`` (open_clip only warns), so ``"ViT-B-16"`` with ``"openai"`` becomes ``"ViT-B-16-quickgelu"``."""
+    import open_clip
+
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {name!r}; valid: e.g. ViT-B-16, ViT-B-32, ViT-L-14")
+    cfg = open_clip.get_pretrained_cfg(name, tag) or {}
+    quick = f"{name}-quickgelu"
+    if cfg.get("quick_gelu") and not name.endswith("-quickgelu") and quick in open_clip.list_models():
+        return quick
+    return name
+
+
+def clip_model(name: str = "ViT-B-16", pretrained: str | None = "openai", *, image_size: int | None = None):
+    """``(model, tokenizer)`` from open_clip (an optional dependency, imported here only).
+
+    ``pretrained``: an open_clip tag (``"openai"``, resolved by :func:`cmm_utils.core.models.weights.clip_weights`:
+    the file in ``CMM_WEIGHTS`` first, the hub second), a path to a checkpoint file, or None (random
+    weights). The architecture is always the one OpenAI's weights were trained with (QuickGELU, see
+    :func:`clip_arch`), random weights included, so tests and ``gpu-check`` run the papers' function.
+    ``image_size`` (random weights only: tiny dry runs) overrides the input resolution.
+    """
     try:
         import open_clip
     except ImportError as err:  # pragma: no cover - environment dependent
         raise ImportError("the paper profile needs open_clip: pip install open_clip_torch") from err
-    model, _, _ = open_clip.create_model_and_transforms(name, pretrained=pretrained)
-    return model, open_clip.get_tokenizer(name)
+    is_file = pretrained is not None and os.path.isfile(str(pretrained))
+    arch = clip_arch(name, "openai" if pretrained is None or is_file else pretrained)
+    if image_size is not None and pretrained is not None:
+        raise ValueError(f"image_size={image_size} changes the positional embedding: only with pretrained=None")
+    extra = {"force_image_size": image_size} if image_size is not None else {}
+    source = None if pretrained is None else str(pretrained) if is_file else clip_weights(arch, pretrained)
+    try:
+        model = open_clip.create_model(arch, pretrained=source, **extra)
+    except RuntimeError as err:  # open_clip wraps hub failures in RuntimeError
+        if source != pretrained or is_file:
+            raise
+        raise WeightsNotFound(missing_message(clip_spec(arch, pretrained), err)) from err
+    return model, open_clip.get_tokenizer(arch)
 
 
 @torch.no_grad()

@@ -72,3 +72,20 @@ class HeadedModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+
+@torch.no_grad()
+def class_prototypes(model: nn.Module, data, classes, batch_size: int = 256) -> torch.Tensor:
+    """Rows in ``classes`` order: the mean of ``model``'s features over ``data``'s images of each
+    class (zeros for a class with no image). With θ_0 as ``model`` these are the book's stand-in for
+    CLIP's zero-shot head: built from the pretrained model and the class alone, frozen, and already
+    a classifier at θ_0 (MagMax's and CMM's ``cpu`` heads)."""
+    from cmm_utils.core.train import predict
+
+    feats = predict(model, data, batch_size)
+    rows = []
+    for c in classes:
+        mask = data.labels == c
+        rows.append(feats[mask].mean(0) if mask.any() else torch.zeros(feats.shape[1]))
+    return torch.stack(rows)
+

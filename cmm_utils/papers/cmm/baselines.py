@@ -94,6 +94,7 @@ def run_seq_baseline(scenario: Scenario, encoder0: nn.Module, head_fn: Callable[
             s["bytes_all_checkpoints"].append(state_bytes(theta0, *([seq] * (t + 1))) if merge != "last"
                                               else state_bytes(seq))
             s["mean_class_recall"] = score.mean_class_recall  # of the model after the last task
+            s["final_pred"] = score.predicted.tolist()  # per-image, for the claims' paired bootstrap
         chain.save(t, {**with_prefix("theta.", seq), **with_prefix("sum.", running["sum"]),
                        **with_prefix("max.", running["max"])}, {"seconds": seconds, "scores": scores})
     own = scores[cfg.method]
@@ -102,4 +103,4 @@ def run_seq_baseline(scenario: Scenario, encoder0: nn.Module, head_fn: Callable[
                            train_seconds=seconds,
                            extra={"bytes_per_task": own["bytes_per_task"],
                                   "bytes_all_checkpoints": own["bytes_all_checkpoints"],
-                                  "mean_class_recall": own["mean_class_recall"]})
+                                  "mean_class_recall": own["mean_class_recall"], "final_pred": own.get("final_pred")})

@@ -14,9 +14,9 @@ from torch import nn
 
 from cmm_utils.core.data import Scenario, Task
 from cmm_utils.core.io import config_key
-from cmm_utils.core.models.heads import fixed_head_weight  # the MagMax chapter's head: same head, comparable runs
+from cmm_utils.core.models.heads import class_prototypes, fixed_head_weight  # fixed: the MagMax chapter's head
 from cmm_utils.core.train import device
-from cmm_utils.papers.cmm.networks import ProjectedEncoder, encoder_dim, prototype_weights, zero_shot_weights
+from cmm_utils.papers.cmm.networks import ProjectedEncoder, encoder_dim, zero_shot_weights
 from cmm_utils.papers.cmm.profiles import BACKBONES, CMMConfig
 from cmm_utils.papers.cmm.stages import subsample
 
@@ -55,7 +55,7 @@ def head_weights_fn(cfg: CMMConfig, encoder0: nn.Module, clip, scenario: Scenari
         return lambda task: table[list(task.classes)]
     enc = encoder0.to(device()).eval()
     cap = cfg.max_train_per_task
-    return lambda task: prototype_weights(enc, subsample(task.train, cap, 0), task.classes)
+    return lambda task: class_prototypes(enc, subsample(task.train, cap, 0), task.classes)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from cmm_utils.core.checkpoints import TaskCheckpoints
-from cmm_utils.core.continual import ContinualResult, evaluate_seen_tasks, gflops_per_image, pooled_mean_class_recall
+from cmm_utils.core.continual import ContinualResult, evaluate_seen_tasks, gflops_per_image
 from cmm_utils.core.data import Scenario, Task
 from cmm_utils.core.io import cache_root, config_key, save_state, strip_prefix, with_prefix
 from cmm_utils.core.models.heads import FrozenHead, HeadedModel
@@ -77,7 +77,7 @@ def run_cmm(scenario: Scenario, encoder0: nn.Module, head_fn: Callable[[Task], t
     head = FrozenHead.unset(C, encoder_dim(encoder0), cfg.logit_scale).to(dev)
     net = HeadedModel(enc, head)
     R, acc_seen, bytes_per_task, mismatch, corr_losses, imp_stats = [], [], [], [], [], []
-    seconds, importance, start, mcr = 0.0, None, 0, float("nan")
+    seconds, importance, start, mcr, final_pred = 0.0, None, 0, float("nan"), None
     first, later = cmm_checkpoints(identity, cfg)
     if resume:
         found = first.latest() if debug else later.latest()  # the figures need task 1 recomputed from task 0
@@ -91,7 +91,7 @@ def run_cmm(scenario: Scenario, encoder0: nn.Module, head_fn: Callable[[Task], t
             # task 0 may come from another variant's run: count this variant's own state
             bytes_per_task = meta["bytes_per_task"][:t] + [carried_bytes(cfg.method, get_state(enc), theta0, importance)]
             corr_losses, imp_stats, seconds = meta["correction_losses"], meta["importance"], meta["seconds"]
-            mcr = meta.get("mean_class_recall", float("nan"))
+            mcr, final_pred = meta.get("mean_class_recall", float("nan")), meta.get("final_pred")
             start = t + 1
     for t, task in enumerate(scenario.tasks[:stop_after]):
         head.set_rows(task.classes, head_fn(task))
@@ -137,11 +137,11 @@ def run_cmm(scenario: Scenario, encoder0: nn.Module, head_fn: Callable[[Task], t
         score = evaluate_seen_tasks(net, scenario, t)
         R.append(score.row)
         acc_seen.append(score.accuracy)
-        mcr = score.mean_class_recall
+        mcr, final_pred = score.mean_class_recall, score.predicted.tolist()  # per-image: the claims' bootstrap
         bytes_per_task.append(carried_bytes(cfg.method, get_state(enc), theta0, importance))
         meta = {"R": R, "acc_seen": acc_seen, "bytes_per_task": bytes_per_task, "mismatch": mismatch,
                 "correction_losses": corr_losses, "importance": imp_stats, "seconds": seconds,
-                "mean_class_recall": mcr}
+                "mean_class_recall": mcr, "final_pred": final_pred}
         (first if t == 0 else later).save(t, {**with_prefix("theta.", get_state(enc)), **with_prefix("F.", importance)},
                                           meta)
         if dbg:
@@ -149,11 +149,12 @@ def run_cmm(scenario: Scenario, encoder0: nn.Module, head_fn: Callable[[Task], t
     complete = len(R) == T
     if not complete:
         mcr = float("nan")
-    elif math.isnan(mcr):  # resumed from a checkpoint written before checkpoints kept it
-        mcr = pooled_mean_class_recall(net, scenario)
+    elif math.isnan(mcr) or final_pred is None:  # resumed from a checkpoint written before checkpoints kept them
+        score = evaluate_seen_tasks(net, scenario, T - 1)
+        mcr, final_pred = score.mean_class_recall, score.predicted.tolist()
     gflops = gflops_per_image(net, image_size, channels)
     return ContinualResult(cfg.method, R, acc_seen, bytes_stored=bytes_per_task[-1], gflops=gflops,
                            train_seconds=seconds,
                            extra={"bytes_per_task": bytes_per_task, "mismatch": mismatch,
                                   "correction_losses": corr_losses, "importance": imp_stats,
-                                  "mean_class_recall": mcr})
+                                  "mean_class_recall": mcr, "final_pred": final_pred if complete else None})

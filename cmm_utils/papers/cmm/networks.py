@@ -16,9 +16,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from cmm_utils.core.data import LabeledImages
 from cmm_utils.papers.cmm.linearize import LinearizedModel
-from cmm_utils.core.train import predict
 
 
 # --------------------------------------------------------------------------- networks
@@ -86,17 +84,6 @@ TEMPLATES = ("photo", "simple_imagenet", "openai_imagenet")
 
 
 @torch.no_grad()
-def prototype_weights(encoder0: nn.Module, data: LabeledImages, classes: Sequence[int]) -> torch.Tensor:
-    """Class means of the pretrained encoder's features (rows in ``classes`` order): the frozen
-    head that stands in for CLIP's zero-shot text head (see the module docstring)."""
-    feats = predict(encoder0, data)
-    rows = []
-    for c in classes:
-        mask = data.labels == c
-        rows.append(feats[mask].mean(0) if mask.any() else torch.zeros(feats.shape[1]))
-    return torch.stack(rows)
-
-
 def template_list(name: str):
     if name not in TEMPLATES:
         raise ValueError(f"unknown templates {name!r}; valid: {', '.join(TEMPLATES)}")

@@ -34,18 +34,20 @@ CORRECTION_LOSSES = ("l1", "l2")
 HEADS = ("fixed", "prototype", "zeroshot")
 BACKBONES = ("resnet18", "densenet121", "vit_tiny", "clip_vit_b16")
 
-# smoke/cpu: the recipe scaled to 28 px and a one-pass budget (lr 1e-3, a few warm-up steps);
+# smoke/cpu: the recipe scaled to 28 px and a one-pass budget (lr 1e-3, a few warm-up steps), the
+# same number of steps for every task (max_train_per_task images, one pass); θ0's class-prototype
+# head plays CLIP's zero-shot head (it classifies at θ0; head="fixed" is the random-head ablation);
 # ``representation_lr`` keeps the authors' ratio to ``lr`` in their main runs (1e-7 / 1e-5).
 PROFILES = check_table(CHAPTER, {
     "smoke": dict(
-        dataset="ham10000-cil", n_tasks=3, seeds=1, backbone="resnet18", head="fixed",
+        dataset="ham10000-cil", n_tasks=3, seeds=1, backbone="resnet18", head="prototype",
         logit_scale=16.0, templates="photo", max_per_split=150, image_size=28,
         epochs=1, lr=1e-3, weight_decay=0.1, batch_size=32, warmup_steps=1, clip_grad=1.0,
         max_train_per_task=64, max_steps=2,
         alpha=0.4, correction_loss="l1", representation_lr=1e-5, correction_weight_decay=0.01,
         mismatch_images=32, benchmarks=[], methods=list(METHODS), alpha_grid=3, path_images=32, tsne_images=24),
     "cpu": dict(
-        dataset="ham10000-cil", n_tasks=3, seeds=3, backbone="resnet18", head="fixed",
+        dataset="ham10000-cil", n_tasks=3, seeds=3, backbone="resnet18", head="prototype",
         logit_scale=16.0, templates="photo", max_per_split=None, image_size=28,
         epochs=1, lr=1e-3, weight_decay=0.1, batch_size=32, warmup_steps=3, clip_grad=1.0,
         max_train_per_task=512, max_steps=None,

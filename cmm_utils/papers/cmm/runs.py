@@ -21,6 +21,7 @@ from cmm_utils.core.profiles import select
 from cmm_utils.papers.cmm.baselines import run_seq_baseline
 from cmm_utils.papers.cmm.encoders import head_weights_fn, pretrained_encoder
 from cmm_utils.papers.cmm.loop import run_cmm
+from cmm_utils.papers.cmm.orders import CLASS_ORDERS
 from cmm_utils.papers.cmm.profiles import BASELINES, CHAPTER, IMAGE_SIZE, PROFILES, CMMConfig, method_config
 
 
@@ -28,14 +29,17 @@ def load_scenario(dataset: str, profile: str, seed: int, n_tasks: int | None = N
                   max_per_split: int | None = None, image_size: int | None = 28) -> Scenario:
     """A book benchmark by name (``cmm_utils.core.benchmarks``), or any dataset (registered name or a
     MedMNIST-format ``.npz``) cut into ``n_tasks`` class-incremental tasks, at ``image_size``
-    (None: native; the CLIP encoder upsamples). The class order is fixed by the benchmarks'
-    order seed, so seeds vary training and made splits, not the tasks."""
+    (None: native; the CLIP encoder upsamples). The class order is the authors' where they fixed
+    one (CIFAR-100, :data:`cmm_utils.papers.cmm.orders.CLASS_ORDERS`), else fixed by the
+    benchmarks' order seed; seeds vary training and made splits, not the tasks."""
     if dataset in BENCHMARKS:
         return load_benchmark(dataset, profile, seed)
     if n_tasks is None:
         raise ValueError(f"dataset {dataset!r} is not a benchmark ({', '.join(BENCHMARKS)}): give n_tasks")
-    data = load_dataset(dataset, seed=seed, size=image_size, channels=3, max_per_split=max_per_split)
-    return class_incremental(data, n_tasks, seed=CLASS_ORDER_SEED)
+    # CMM reads no validation split: in `paper` (CIFAR-100) the whole training set is trained on
+    data = load_dataset(dataset, seed=seed, size=image_size, channels=3, max_per_split=max_per_split,
+                        val_fraction=0 if profile == "paper" else None)
+    return class_incremental(data, n_tasks, seed=CLASS_ORDER_SEED, class_order=CLASS_ORDERS.get(str(dataset)))
 
 
 def run_config(method: str, benchmark: str, profile: str, seed: int, settings: Mapping, backbone: str) -> dict:
@@ -46,9 +50,9 @@ def run_config(method: str, benchmark: str, profile: str, seed: int, settings: M
         unused |= {"correction_loss", "representation_lr", "correction_weight_decay"}
     if method in BASELINES:
         unused |= {"alpha", "mismatch_images"}
-    # result_version 2: results carry the final mean class recall (checkpoints are reused)
+    # result_version 3: results carry the final model's per-image test predictions (the claims' intervals)
     return {"method": method, "benchmark": benchmark, "seed": seed, "backbone": backbone, "profile": profile,
-            "chapter": CHAPTER, "result_version": 2, **{k: v for k, v in asdict(cfg).items() if k not in unused}}
+            "chapter": CHAPTER, "result_version": 3, **{k: v for k, v in asdict(cfg).items() if k not in unused}}
 
 
 @dataclass(frozen=True)

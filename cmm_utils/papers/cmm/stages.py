@@ -32,14 +32,15 @@ Choices for the book's backbones (deviations from the authors' code, each delibe
   instead would be ill-defined for a ResNet (its last layer is a convolution followed by BN).
 - **Heads.** The authors classify with frozen zero-shot CLIP text heads (cosine × 100, built from
   the *pretrained* model), one per task in training (task-local softmax), all of them at
-  evaluation. Our backbones have no text tower. The ``cpu``/``smoke`` default (``head="fixed"``)
-  is the MagMax chapter's analogue, ``cmm_utils.core.models.heads.fixed_head_weight``: frozen, data-free,
-  seeded orthonormal class vectors, cosine × 16, task-local softmax in training and all seen
-  classes at evaluation. Using the *same* head as the MagMax chapter keeps the two chapters' runs
-  (and the leaderboard's rows) comparable; unlike CLIP's head it carries no prior knowledge of the
-  classes. ``head="prototype"`` is the other analogue we tried: class means of the pretrained
-  encoder's features on the task's training data (:func:`prototype_weights`; like a zero-shot head
-  it depends only on θ0 and the class and is never trained, but it reads current-task images). The
+  evaluation. Our backbones have no text tower. The ``cpu``/``smoke`` default (since issue 12,
+  ``head="prototype"``) is class means of the pretrained encoder's features on the task's training
+  data (:func:`cmm_utils.core.models.heads.class_prototypes`; like a zero-shot head it depends only on θ0 and the class, is
+  never trained and already classifies at θ0, but it reads current-task images), cosine × 16,
+  task-local softmax in training and all seen classes at evaluation. The MagMax chapter uses the
+  same head (its rows from the same θ0 class means), so the two chapters' runs stay comparable.
+  ``head="fixed"`` (``cmm_utils.core.models.heads.fixed_head_weight``: data-free, seeded orthonormal
+  class vectors) is the ablation: it carries no prior knowledge of the classes, so θ0 scores at
+  chance and every task must build its classes from nothing. The
   ``paper`` profile uses the authors' zero-shot text heads (:func:`zero_shot_weights`, open_clip's
   ``build_zero_shot_classifier``; OpenAI's 80 ImageNet templates for every dataset, where the
   authors use 18 for CIFAR100 and 8 for Cars).

@@ -65,6 +65,16 @@ class ExpandableNet(nn.Module):
         return sum(p.numel() for p in self.backbones.parameters()) + sum(p.numel() for p in self.fc.parameters())
 
 
+def baseline_lr(settings: Mapping, method: str, scenario_name: str) -> float:
+    """The learning rate of fine-tuning or joint training: ``finetune_lr`` / ``joint_lr`` where the
+    profile has them (``paper``, from the authors' YAMLs: fine-tune 1e-3; joint 1e-4 on PATH16 and 1e-3
+    on SKIN8, a mapping by scenario with ``"default"`` for the others), else ``baseline_lr``."""
+    value = settings.get(f"{method}_lr", settings["baseline_lr"])
+    if isinstance(value, Mapping):
+        return float(value.get(scenario_name, value["default"]))
+    return float(value)
+
+
 def _masked(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(~mask.to(logits.device), float("-inf"))
 
@@ -80,10 +90,15 @@ def single_model_runs(method: str, scenario: Scenario, backbone: nn.Module, sett
 
     - ``finetune``: one model trained on each task's data in turn, CE over the classes seen so far.
     - ``joint``: after task ``t`` a fresh model trained on all training data of tasks ``0..t``.
-    - ``der``: :class:`ExpandableNet`; per task, the new backbone, the classifier and the auxiliary
-      head trained on the task's data + memory (``CE(fc) + CE(aux)``), memory updated by herding on the
-      concatenated features, then (``t > 0``) the classifier reset and re-trained on the balanced memory
-      with logits divided by ``der_temperature`` (the authors' ``dynamic_er`` stage 2).
+    - ``der``: :class:`ExpandableNet`; per task, the new backbone, the classifier and (``t > 0``, as
+      the authors: at ``t = 0`` the auxiliary head would only repeat the classifier) the auxiliary
+      head trained on the task's data + memory (``CE(fc) + CE(aux)``), then (``t > 0``) the classifier
+      reset and re-trained on the balanced set (built before the memory update, as the authors':
+      :meth:`~cmm_utils.papers.dynammo.common.Memory.balanced`) with logits divided by
+      ``der_temperature`` (the authors' ``dynamic_er`` stage 2); the memory updated by herding on the
+      concatenated features.
+    - learning rates: ``finetune_lr`` and ``joint_lr`` where the profile sets them (``paper``: the
+      authors' YAMLs, :func:`baseline_lr`), else ``baseline_lr``.
 
     With ``checkpoint_dir``, the state after each task is saved (latest only) and a rerun resumes;
     the checkpoint is removed once the run is complete (its result is cached by the caller).
@@ -128,19 +143,20 @@ def single_model_runs(method: str, scenario: Scenario, backbone: nn.Module, sett
                                settings["batch_size"], optimizer="sgd", weight_decay=settings["stage1_weight_decay"],
                                max_steps=settings["train_steps"])
 
-            def loss_fn(model, x, y, mask=mask, lut=lut):
+            def loss_fn(model, x, y, mask=mask, lut=lut, aux=t > 0):
                 f = model.features(x)
-                new = f[:, -model.num_features:]
-                return F.cross_entropy(_masked(model.fc(f), mask), y) + \
-                    F.cross_entropy(model.aux(new), lut.to(y.device)[y])
+                loss = F.cross_entropy(_masked(model.fc(f), mask), y)
+                if not aux:  # the authors' DER adds the auxiliary loss from the second task on
+                    return loss
+                return loss + F.cross_entropy(model.aux(f[:, -model.num_features:]), lut.to(y.device)[y])
 
             params_ = [p for p in net.parameters() if p.requires_grad]
             fit(net, train, cfg, seed=task_seed(seed, t), params=params_, loss_fn=loss_fn, train_mode=_der_train_mode,
                 desc=f"DER, task {t + 1}")
             net.eval()
+            balanced = memory.balanced(net.features, current, task.classes) if t > 0 else None
             memory.update(net.features, current, task.classes)
             if t > 0:
-                balanced = memory.data()
                 with torch.no_grad():
                     feats = features_with_flips(net.features, balanced)[None]
                 net.fc = nn.Linear(net.fc.in_features, C).to(dev)
@@ -153,7 +169,8 @@ def single_model_runs(method: str, scenario: Scenario, backbone: nn.Module, sett
             for b in net.backbones:
                 b.requires_grad_(False)
         else:
-            cfg = epoch_config(settings["baseline_epochs"], settings["baseline_lr"], settings["baseline_milestones"],
+            cfg = epoch_config(settings["baseline_epochs"], baseline_lr(settings, method, scenario_name),
+                               settings["baseline_milestones"],
                                len(train), settings["batch_size"], optimizer="sgd",
                                weight_decay=settings["stage1_weight_decay"], max_steps=settings["train_steps"])
             fit(net, train, cfg, seed=task_seed(seed, t),

@@ -94,6 +94,22 @@ class Memory:
             pick = herding(predict(feature_fn, part), m)
             self.classes[c] = part.subset(pick.numpy())
 
+    def balanced(self, feature_fn: Callable[[torch.Tensor], torch.Tensor], data: LabeledImages,
+                 new_classes: Sequence[int]) -> LabeledImages:
+        """The class-balanced set of DynaMMo's stage 2 (and DER's classifier re-training) as the
+        authors build it (``replayBank.get_unified_sample_dataset``, called *before* the memory is
+        updated for the new task): the memory as it stands, old classes at the old quota
+        ``budget // (old classes)``, plus that many herded images of each new class. On SKIN8 (budget
+        40, tasks of 2 classes) that is 40 + 40 = 80 images at the second task, where the memory after
+        its update (10 per class) would give 40. Call it before :meth:`update`."""
+        m = self.per_class(len(self.classes))
+        parts = [self.data()] if self.classes else []
+        for c in new_classes:
+            part = data.subset(np.flatnonzero(data.labels.numpy() == c))
+            if len(part) and m:
+                parts.append(part.subset(herding(predict(feature_fn, part), m).numpy()))
+        return concat(parts)
+
     def data(self) -> LabeledImages:
         parts = [self.classes[c] for c in sorted(self.classes)]
         if not parts or not sum(len(p) for p in parts):

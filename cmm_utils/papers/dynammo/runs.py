@@ -26,7 +26,7 @@ from cmm_utils.core.models import book_backbone
 from cmm_utils.core.profiles import check_profile, select
 from cmm_utils.core.train import device, seed_everything
 from cmm_utils.papers.dynammo.baselines import single_model_runs
-from cmm_utils.papers.dynammo.method import adapter_method, adapter_stage1
+from cmm_utils.papers.dynammo.method import INFERENCE_OF, adapter_method, adapter_stage1
 from cmm_utils.papers.dynammo.profiles import CHAPTER, PROFILES, RUN_KEYS, STAGE1_KEYS, VERSION, check_method
 from cmm_utils.papers.dynammo.scenarios import load_scenario, memory_budget, scenario_label
 
@@ -68,7 +68,7 @@ def run_dynammo_method(method: str, scenario: Scenario, profile: str, seed: int,
     backbone = backbone.to(device()).eval()
     budget = memory_budget(name, scenario)
     config = run_config(method, name, profile, seed, settings, n_tasks)
-    if method in ("dynammo", "acl"):
+    if method in INFERENCE_OF:  # DynaMMo, ACL and the two controls share one stage 1
         ck = _checkpoint_dir(profile, config, STAGE1_KEYS) if checkpoint else None
         stage1 = adapter_stage1(scenario, backbone, settings, seed, budget, ck)
         return adapter_method(method, scenario, backbone, stage1, settings, seed, name)
@@ -110,7 +110,9 @@ def _summary_row(label: str, method: str, seed: int, result: ContinualResult) ->
             "stored_mb": row["bytes_stored"] / 2**20, "train_seconds": row["train_seconds"],
             "tasks": len(result.R),
             "adapter_spread": extra["adapter_spread"][-1] if "adapter_spread" in extra else np.nan,
-            "alpha_abs": float(np.mean(np.abs(extra["alpha"]))) if "alpha" in extra else np.nan}
+            "alpha_abs": float(np.mean(np.abs(extra["alpha"]))) if "alpha" in extra else np.nan,
+            "feature_shift": float(np.mean(extra["feature_shift"])) if "feature_shift" in extra else np.nan,
+            "merged_shift": extra.get("merged_shift", np.nan), "path_spread": extra.get("path_spread", np.nan)}
 
 
 def chapter_runs(profile: str, seeds: Sequence[int], benchmarks: Sequence[str], methods: Sequence[str],

@@ -73,7 +73,9 @@ def load_scenario(name: str, profile: str, seed: int = 0, n_tasks: int | None = 
         return class_incremental(data, n_tasks or 5, seed=CLASS_ORDER_SEED)
     if spec["kind"] == "benchmark":
         return load_benchmark(name, profile, seed)
-    data = load_dataset(spec["dataset"], seed=seed, size=size, channels=3, max_per_split=cap)
+    # SKIN8, PATH16 and CIFAR-100 (paper) keep their whole training sets: DynaMMo reads no validation split
+    data = load_dataset(spec["dataset"], seed=seed, size=size, channels=3, max_per_split=cap,
+                        val_fraction=0 if profile == "paper" else None)
     if spec["kind"] == "groups":
         return grouped_scenario(data, spec["task_sizes"])
     order = pycil_class_order(data.num_classes) if spec.get("order") == "np1993" else None

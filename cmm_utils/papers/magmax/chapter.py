@@ -5,10 +5,13 @@ and the tables the page shows.
 :class:`~cmm_utils.papers.magmax.experiment.MagMaxRun` each, results through the cache), adds the
 λ sweep, the λ and BatchNorm tables and the task-vector analyses (cached as JSON per run), and
 writes ``summary``, ``curves``, ``R``, ``sweep``, ``lambda``, ``share``, ``sign`` and ``bn`` as CSV
-under the chapter's results folder. The table functions read those frames back.
+under the chapter's results folder, with the regime check (``regime.csv``, :mod:`.regime`) and
+the final models' per-image test predictions (``predictions.json``, for the claims' paired
+bootstrap). The table functions read those frames back.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -16,12 +19,13 @@ from typing import Iterator, Mapping, Sequence
 import pandas as pd
 
 from cmm_utils.core.continual import ContinualResult, scenario_fingerprint
-from cmm_utils.core.io import config_key, write_csv
+from cmm_utils.core.io import atomic_path, config_key, write_csv
 from cmm_utils.core.plots import mean_std_table
 from cmm_utils.papers.magmax.analysis import regime_analysis
 from cmm_utils.papers.magmax.data import benchmark_name, fixed_benchmark
 from cmm_utils.papers.magmax.experiment import MagMaxRun, cached_json, cached_result, load_scenario, run_config
 from cmm_utils.papers.magmax.method import BN_STATS, REGIMES, SWEPT, parse_method
+from cmm_utils.papers.magmax.regime import chapter_regimes, regime_frame, regime_numbers
 
 ARTIFACTS = ("summary", "curves", "R", "sweep", "lambda", "share", "sign", "bn")
 # rows of the page's tables: from no training, through the merges, to the upper bound
@@ -91,7 +95,8 @@ def _extras(run: MagMaxRun, results: Mapping[str, ContinualResult]) -> dict:
     return {"sweep": pd.concat([run.sweep(m, r) for r in REGIMES for m in run.settings["sweep_merges"]]).to_dict("records"),
             "lambda": lambda_table(run, results).to_dict("records"),
             "bn": bn_table(run, results, merges=[m for m in ("magmax", "ties") if m in results]).to_dict("records"),
-            "analysis": regime_analysis({r: run.task_vectors(r) for r in REGIMES})}
+            "analysis": regime_analysis({r: run.task_vectors(r) for r in REGIMES}),
+            "regime": regime_numbers(run, results)}
 
 
 def _rows(bench: str, s: int, results: Mapping[str, ContinualResult], extra: Mapping) -> dict[str, list]:
@@ -119,6 +124,7 @@ def run_chapter(profile: str, settings: Mapping, seeds: Sequence[int], out: Path
     """Every method × scenario × seed, the artifacts written to ``out``; returns the last run (the
     page's determinism check re-merges its task vectors)."""
     rows = {name: [] for name in ARTIFACTS}
+    numbers, preds = {}, {}
     t_start = time.time()
     for name, T in experiments(settings):
         bench = benchmark_name(name, T)
@@ -132,9 +138,15 @@ def run_chapter(profile: str, settings: Mapping, seeds: Sequence[int], out: Path
             extra = cached_json(out / "analyses" / f"{Path(bench).stem}-s{s}-{key}.json", lambda: _extras(run, results))
             for artifact, new in _rows(bench, s, results, extra).items():
                 rows[artifact] += new
+            numbers.setdefault(bench, []).append(extra["regime"])
+            preds.setdefault(bench, {})[str(s)] = {"labels": extra["regime"]["test_labels"],
+                                                   **{m: r.extra["final_pred"] for m, r in results.items()}}
             print(f"{bench} seed {s}: {time.time() - t0:.1f}s")
     for artifact in ARTIFACTS:
         write_csv(out / f"{artifact}.csv", pd.DataFrame(rows[artifact]))
+    write_csv(out / "regime.csv", regime_frame(chapter_regimes(numbers)))
+    with atomic_path(out / "predictions.json") as tmp:  # compact: ~10^5 integers
+        tmp.write_text(json.dumps(preds, separators=(",", ":")))
     print(f"all runs: {time.time() - t_start:.1f}s; artifacts in {out}")
     return run
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from cmm_utils.core.benchmarks import BENCHMARKS, CLASS_ORDER_SEED, load_benchmark
-from cmm_utils.core.data import DatasetSplits, LabeledImages, Scenario, Task, class_incremental, load_dataset, make_split
+from cmm_utils.core.data import (DatasetSplits, LabeledImages, Scenario, Task, class_incremental, data_root,
+                                 decode_images, load_dataset, make_split)
 from cmm_utils.core.io import cache_root, write_json
 from cmm_utils.core.models import BOOK_IMAGE_SIZE
 from cmm_utils.core.models.clip import CIFAR100_TEMPLATES, IMAGENET_TEMPLATES
@@ -115,25 +116,32 @@ def domain_incremental(data: DatasetSplits, domains: Mapping[str, np.ndarray], o
     return Scenario(f"{data.name}-dil", "domain-incremental", tasks, data.classes, classes)
 
 
-def load_imagenet_r(root: Path | str | None = None, seed: int = 0, size: int = 224,
-                    split_file: Path | str | None = None) -> tuple[DatasetSplits, dict]:
-    """ImageNet-R (Hendrycks et al. 2021) from ``<root>/imagenet-r/<class>/<domain>_<n>.jpg``.
+IMAGENET_R_LAYOUTS = ("imagenet-r/<class folder>/<domain>_<n>.jpg (imagenet-r.tar as extracted; wnid folders "
+                      "are named through its README.txt)",
+                      "imagenet-r/{train,test}/<class>/<domain>_<n>.jpg (as the authors' imagenetr.py leaves it "
+                      "after moving the files into its 80/20 split)")
 
-    Classes are the sorted folder names (ImageFolder's order, which the authors' class order
-    indexes), shown with ``_`` as spaces as the authors do; wnid folders are renamed through
-    ``README.txt`` when present. The authors' split is an unseeded 80/20 ``random_split``; here the
-    80/20 split is drawn from ``seed`` once and *persisted* as a file list (``split_file``, default
-    under the cache) so it never changes; 10 % of train is the validation split. Images: shorter
-    side resized to ``size`` (bicubic), centre crop (the authors' ``val_preprocess``).
-    """
-    from PIL import Image
 
-    from cmm_utils.core.data import data_root
-    base = Path(root) if root is not None else data_root()
-    folder = base / "imagenet-r"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"ImageNet-R not found at {folder}: download "
-                                "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar and extract it there")
+def _subdirs(folder: Path) -> list[Path]:
+    return [d for d in folder.iterdir() if d.is_dir()] if folder.is_dir() else []
+
+
+def _imagenet_r_layout(folder: Path) -> str:
+    """``processed`` (``train/`` and ``test/`` holding class folders) or ``raw`` (class folders holding
+    images); anything else is an error naming the folder and both layouts."""
+    if all(_subdirs(folder / s) for s in ("train", "test")):
+        return "processed"
+    if any(f.is_file() for d in _subdirs(folder) if d.name not in ("train", "test") for f in d.iterdir()):
+        return "raw"
+    raise FileNotFoundError(f"ImageNet-R not found at {folder}: expected either {IMAGENET_R_LAYOUTS[0]} or "
+                            f"{IMAGENET_R_LAYOUTS[1]}. Download https://people.eecs.berkeley.edu/~hendrycks/"
+                            "imagenet-r.tar and extract it there")
+
+
+def _imagenet_r_files(folder: Path, layout: str, split_path: Path, seed: int):
+    """Class names, ``(relative path, class index)`` of every image, and the relative paths of the test
+    images: the processed tree's ``test/``, or the raw tree's 80/20 split drawn from ``seed`` once and
+    persisted at ``split_path`` (the authors' unseeded ``random_split`` cannot be redrawn)."""
     rename = {}
     readme = folder / "README.txt"
     if readme.exists():
@@ -141,32 +149,52 @@ def load_imagenet_r(root: Path | str | None = None, seed: int = 0, size: int = 2
             parts = line.split()
             if len(parts) == 2 and parts[0].startswith("n"):
                 rename[parts[0]] = parts[1]
-    dirs = sorted((d for d in folder.iterdir() if d.is_dir()), key=lambda d: rename.get(d.name, d.name))
-    names = [rename.get(d.name, d.name) for d in dirs]
-    files = [(f"{d.name}/{f.name}", c) for c, d in enumerate(dirs) for f in sorted(d.iterdir()) if f.is_file()]
-    split_path = Path(split_file) if split_file else cache_root() / CHAPTER / f"imagenet-r-split-seed{seed}.json"
+    roots = [folder / "train", folder / "test"] if layout == "processed" else [folder]
+    class_dirs = sorted((d for r in roots for d in _subdirs(r)
+                         if layout == "processed" or d.name not in ("train", "test")),
+                        key=lambda d: rename.get(d.name, d.name))
+    names = sorted({rename.get(d.name, d.name) for d in class_dirs})   # ImageFolder's order, as the class order
+    index = {n: c for c, n in enumerate(names)}
+    files = [(f.relative_to(folder).as_posix(), index[rename.get(d.name, d.name)])
+             for d in class_dirs for f in sorted(d.iterdir()) if f.is_file()]
+    if not files:
+        raise FileNotFoundError(f"ImageNet-R at {folder} ({layout} layout) holds no image files; expected "
+                                f"{IMAGENET_R_LAYOUTS[0 if layout == 'raw' else 1]}")
+    if layout == "processed":
+        return names, files, {rel for rel, _ in files if rel.startswith("test/")}
     if split_path.exists():
-        test_set = set(json.loads(split_path.read_text())["test"])
-    else:
-        perm = np.random.default_rng(seed).permutation(len(files))
-        test_set = {files[i][0] for i in perm[int(0.8 * len(files)):]}
-        write_json(split_path, {"seed": seed, "test": sorted(test_set)})
+        return names, files, set(json.loads(split_path.read_text())["test"])
+    perm = np.random.default_rng(seed).permutation(len(files))
+    test_set = {files[i][0] for i in perm[int(0.8 * len(files)):]}
+    write_json(split_path, {"seed": seed, "test": sorted(test_set)})
+    return names, files, test_set
 
-    def read(rel: str) -> np.ndarray:
-        img = Image.open(folder / rel).convert("RGB")
-        w, h = img.size
-        s = size / min(w, h)
-        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
-        return np.asarray(img.crop((left, top, left + size, top + size)))
 
-    images = np.stack([read(rel) for rel, _ in files])
+def load_imagenet_r(root: Path | str | None = None, seed: int = 0, size: int = 224,
+                    split_file: Path | str | None = None, val_fraction: float = 0.1) -> tuple[DatasetSplits, dict]:
+    """ImageNet-R (Hendrycks et al. 2021) in either of :data:`IMAGENET_R_LAYOUTS`, detected.
+
+    Classes are the sorted class-folder names (ImageFolder's order, which the authors' class order
+    indexes), shown with ``_`` as spaces as the authors do; wnid folders are renamed through
+    ``README.txt`` when present. A processed tree brings the authors' split; for the raw tree the
+    authors' unseeded 80/20 ``random_split`` is replaced by an 80/20 split drawn from ``seed`` once and
+    *persisted* as a file list (``split_file``, default under the cache) so it never changes.
+    ``val_fraction`` of train (seeded) is the validation split MagMax's λ sweep reads. Images: shorter
+    side resized to ``size`` (bicubic), centre crop (the authors' ``val_preprocess``), decoded once
+    per process in workers (:func:`cmm_utils.core.data.decode_images`).
+    """
+    base = Path(root) if root is not None else data_root()
+    folder = base / "imagenet-r"
+    layout = _imagenet_r_layout(folder)
+    split_path = Path(split_file) if split_file else cache_root() / CHAPTER / f"imagenet-r-split-seed{seed}.json"
+    names, files, test_set = _imagenet_r_files(folder, layout, split_path, seed)
+    images = decode_images([folder / rel for rel, _ in files], size, fit="shorter_side_crop", listed_in=folder)
     labels = np.array([c for _, c in files], dtype=np.int64)
     dom = np.array([rel.split("/")[-1].split("_")[0] for rel, _ in files])
     is_test = np.array([rel in test_set for rel, _ in files])
     train_idx, test_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
-    keep, held = make_split(labels[train_idx], 0.1, seed + 1)
+    keep, held = (make_split(labels[train_idx], val_fraction, seed + 1) if val_fraction
+                  else (np.arange(len(train_idx)), np.arange(0)))
     parts = {"train": train_idx[keep], "val": train_idx[held], "test": test_idx}
 
     def pack(idx):
@@ -177,4 +205,3 @@ def load_imagenet_r(root: Path | str | None = None, seed: int = 0, size: int = 2
                          pack(parts["train"]), pack(parts["val"]), pack(parts["test"]), licence="MIT (ImageNet-R)",
                          source="https://github.com/hendrycks/imagenet-r")
     return data, {s: dom[idx] for s, idx in parts.items()}
-

@@ -38,7 +38,7 @@ from cmm_utils.papers.magmax.method import (REGIMES, apply_merged, BN_STATS, bui
                                             step_lambda, task_steps)
 from cmm_utils.papers.magmax.profiles import FT_KEYS, PROFILES, RUN_KEYS
 
-VERSION = 2
+VERSION = 3  # 3: results keep the final model's per-image test predictions (verdict intervals)
 
 
 def load_scenario(dataset: str, profile: str, seed: int = 0, n_tasks: int | None = None,
@@ -212,6 +212,7 @@ class MagMaxRun:
         net = self.eval_model(state)
         logits = [predict(net, task.test, int(self.settings["eval_batch"])) for task in self.scenario.tasks[: max(ts) + 1]]
         scores = [score_seen_tasks(logits, self.scenario, t) for t in ts]
+        self._last_pred = scores[-1].predicted
         return [s.row for s in scores], [s.accuracy for s in scores], scores[-1].mean_class_recall
 
     def _rows(self, state_after: Callable[[int], Mapping[str, torch.Tensor]]) -> tuple[list, list, float]:
@@ -219,7 +220,13 @@ class MagMaxRun:
         recall of the model after the last task."""
         scores = [evaluate_seen_tasks(self.eval_model(state_after(t)), self.scenario, t,
                                       batch_size=int(self.settings["eval_batch"])) for t in range(self.T)]
+        self._last_pred = scores[-1].predicted
         return [s.row for s in scores], [s.accuracy for s in scores], scores[-1].mean_class_recall
+
+    def final_predictions(self) -> dict:
+        """The last scored model's predictions on the pooled test images of every task (in the
+        scenario's order): the paired bootstrap of the claims resamples them (``extra``)."""
+        return {"final_pred": self._last_pred.tolist()}
 
     def merged(self, merge: str, regime: str, upto: int, lam: float, bn_stats: str | None = None) -> dict:
         """θ_0 + λ_t·merge(τ_1..τ_{upto+1}), BatchNorm statistics by ``bn_stats`` (default: settings)."""
@@ -286,23 +293,24 @@ class MagMaxRun:
         if merge == "pretrained":
             R, seen, mcr = self._logit_rows(self.base, range(self.T))
             return ContinualResult(method, R, seen, model_bytes, self.gflops(), 0.0,
-                                   {**extra, "mean_class_recall": mcr})
+                                   {**extra, "mean_class_recall": mcr, **self.final_predictions()})
         if merge == "joint":
             R, seen, mcr = self._logit_rows(self.joint(), range(self.T))
             data = self.scenario.joint("train")
             stored = model_bytes + state_bytes(data.images, data.labels)
-            extra.update({"mean_class_recall": mcr, "note": "rows before the last reuse the final joint model"})
+            extra.update({"mean_class_recall": mcr, "note": "rows before the last reuse the final joint model",
+                          **self.final_predictions()})
             return ContinualResult(method, R, seen, stored, self.gflops(), self.train_seconds(["joint"]), extra)
         states = self.finetuned(regime)
         if merge == "seq-ft":
             R, seen, mcr = self._rows(lambda t: states[t])
             return ContinualResult(method, R, seen, model_bytes, self.gflops(), self.train_seconds(names),
-                                   {**extra, "mean_class_recall": mcr})
+                                   {**extra, "mean_class_recall": mcr, **self.final_predictions()})
         lam, source = self.lam(merge, regime)
         R, seen, mcr = self._rows(lambda t: self.merged(merge, regime, t, lam))
         # kept across tasks: θ_0, the running merge and the model being trained; TIES needs every τ (two passes)
         stored = model_bytes * ((self.T + 1) if merge == "ties" else 3)
-        extra.update({"lambda": lam, "lambda_source": source, "mean_class_recall": mcr})
+        extra.update({"lambda": lam, "lambda_source": source, "mean_class_recall": mcr, **self.final_predictions()})
         return ContinualResult(method, R, seen, stored, self.gflops(), self.train_seconds(names), extra)
 
     # -- the chapter's analyses

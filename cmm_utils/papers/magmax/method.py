@@ -29,7 +29,9 @@ Deliberate deviations from the authors' code (each said again where it happens):
   all classes of the scenario from the start, and is identical for every merge, regime and the
   joint model, so only the backbone is merged. Unlike CLIP's it carries no prior knowledge of the
   classes (the pretrained model scores at chance) and the class vectors are mutually orthogonal
-  rather than semantically arranged. ``paper`` builds CLIP's head exactly.
+  rather than semantically arranged. ``paper`` builds CLIP's head exactly. Since issue 12 the
+  ``cpu`` default is ``head="prototype"`` (:func:`prototype_head_weight`: θ_0's class means,
+  which, like CLIP's head, already classify at θ_0); the random fixed head is the ablation.
 - **BatchNorm** (ResNet-18; CLIP's ViT has none): weights are merged as the paper says, but the
   running means/variances are set to the *average* of the fine-tuned models' statistics for every
   merge and λ (``bn_stats="average"``). They are measurements of the data, not directions in weight
@@ -79,7 +81,7 @@ from cmm_utils import merging
 from cmm_utils.core.data import LabeledImages, Scenario
 from cmm_utils.core.models import book_backbone
 from cmm_utils.core.models.clip import IMAGENET_TEMPLATES, ClipImageEncoder, clip_model, zeroshot_weight
-from cmm_utils.core.models.heads import HEADS, FrozenHead, HeadedModel, fixed_head_weight
+from cmm_utils.core.models.heads import HEADS, FrozenHead, HeadedModel, class_prototypes, fixed_head_weight
 from cmm_utils.core.train import FitConfig, fit
 from cmm_utils.papers.magmax.data import TEMPLATES
 
@@ -95,7 +97,8 @@ PAPER_LAMBDA = {"magmax": 0.5, "random": 1.0, "ties": 0.55, "average": None, "ta
 # the sum's grid is (0, 2/T], written here as the multiplier k of 1/T.
 LAMBDA_GRID = {"magmax": (0.0, 1.0), "random": (0.5, 1.5), "ties": (0.5, 1.5), "task-arithmetic": (0.0, 2.0)}
 SWEPT = ("magmax", "random", "ties", "task-arithmetic")
-BN_STATS = ("average", "merge")  # the BatchNorm statistics policies of :func:`apply_merged`
+BN_STATS = ("average", "merge")
+MAGMAX_HEADS = HEADS + ("prototype",)  # prototype: θ_0's class means (:func:`prototype_head_weight`)  # the BatchNorm statistics policies of :func:`apply_merged`
 
 
 def fixed_lambda(merge: str, settings: Mapping) -> float | None:
@@ -131,11 +134,28 @@ def build_backbone_and_head(settings: Mapping, profile: str, scenario: Scenario,
         encoder = ClipImageEncoder(model.visual)
         del model  # the text tower is only needed for the head
         return encoder, FrozenHead(weight)
-    if settings["head"] not in HEADS:
-        raise ValueError(f"unknown head {settings['head']!r}; valid: {', '.join(HEADS)}")
+    if settings["head"] not in MAGMAX_HEADS:
+        raise ValueError(f"unknown head {settings['head']!r}; valid: {', '.join(MAGMAX_HEADS)}")
     backbone = book_backbone(settings["backbone"], profile, verbose=False)
+    if settings["head"] == "prototype":
+        return backbone, FrozenHead(prototype_head_weight(backbone, scenario, float(settings["head_scale"])))
     return backbone, FrozenHead(fixed_head_weight(scenario.num_classes, backbone.num_features,
                                                   float(settings["head_scale"])))
+
+
+@torch.no_grad()
+def prototype_head_weight(backbone: nn.Module, scenario: Scenario, scale: float, batch_size: int = 512) -> torch.Tensor:
+    """The ``cpu`` stand-in for CLIP's zero-shot head (issue 12): row ``c`` is the normalised mean of
+    θ_0's features over the training images of class ``c`` (those of the task that brings ``c``),
+    times ``scale``. Like CLIP's head it is frozen, the same for every merge, and already works at
+    θ_0. Built for all tasks at once: the pinned protocol masks classes not seen yet and training
+    uses the current task's classes only, so no row is used before its task arrives."""
+    was_training = backbone.training
+    rows = torch.zeros(scenario.num_classes, int(backbone.num_features))
+    for task in scenario.tasks:
+        rows[list(task.classes)] = class_prototypes(backbone, task.train, task.classes, batch_size)
+    backbone.train(was_training)
+    return torch.nn.functional.normalize(rows, dim=1) * scale
 
 
 # ----------------------------------------------------------------------------------- training

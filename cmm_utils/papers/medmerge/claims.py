@@ -1,38 +1,67 @@
 """MedMerge's claims beside our measurements, and the criteria that judge them
 (:mod:`cmm_utils.core.verdicts`).
 
-A gain claim (MedMerge above a family of baselines) is judged on the paired per-seed gaps of
-:func:`cmm_utils.papers.medmerge.tables.gaps` by :func:`judge`: supported when the mean gap is
-positive on every backbone/target and more seeds are won than lost; not supported when it is <= 0
-everywhere; inconclusive otherwise and with fewer than :data:`MIN_SEEDS` seeds.
+A gain claim (MedMerge above a baseline, or the best of a family of baselines by mean over seeds) is
+judged on paired gaps in points, one per backbone/target × seed (the same target split, head seed
+and fine-tuning recipe for both), with a Student-t 95 % interval over those units
+(:func:`cmm_utils.core.verdicts.judge_gap`): supported when the whole interval is above zero, not
+supported when it is below, inconclusive otherwise (and with a single unit). Only the runs whose
+regime check passes (:mod:`cmm_utils.papers.medmerge.regime`) count; where none passes, the claim is
+"not testable here" with the failing numbers.
+
+The second source's value is judged against what the natural source gives alone (the better of FT
+and LP-FT from it), not against the paper's "merge with zeros": once BatchNorm statistics are
+recomputed, a kernel-wise rescaling of source ``a`` is source ``a`` again, so that control cannot
+fail. The per-kernel weights are judged against the controls of :mod:`~cmm_utils.papers.medmerge.controls`
+(one global and one per-layer interpolation weight), and MedMerge is set beside the output ensemble.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import replace
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from cmm_utils.core.verdicts import Claim, judge_condition, judge_inconclusive, not_run
-from cmm_utils.papers.medmerge.tables import gaps
+from cmm_utils.core.regime import Regime
+from cmm_utils.core.verdicts import Claim, judge_condition, judge_gap, judge_inconclusive, not_run, not_testable
+from cmm_utils.papers.medmerge.profiles import FT_BASELINES, LPFT_BASELINES, MERGES, METHOD_LABELS
 
 PAPER = "MedMerge: Merging Models for Effective Transfer Learning to Medical Imaging Tasks (Almakky et al. 2024)"
-MIN_SEEDS = 2  # one seed supports nothing
 ABLATION_TOLERANCE_POINTS = 1.0  # the open choices "matter little" when their spread is within max(seed std, this)
 LAYER_PATTERN_RATIO = 0.25  # layers "lean" when a layer mean moves more than this share of the within-layer spread
 
-GAIN_CRITERION = ("supported: mean gap > 0 on every backbone/target and more seeds won than lost; not supported: "
-                  "mean gap <= 0 everywhere; otherwise, or with one seed, inconclusive")
-FAMILIES = (("fine-tuning", "up to +7 macro-F1 points (v2 abstract; v1: up to +3)", "arXiv:2403.11646 v2 abstract"),
-            ("LP-FT", "MedMerge better (numbers not public)", "the paper's comparison (tables not readable)"),
-            ("merges of FT models", "MedMerge better than other merges (numbers not public)",
-             "the paper's comparison (tables not readable)"))
+GAIN_CRITERION = ("MedMerge − {other} in points, one per backbone/target × seed, runs whose regime check passes: "
+                  "supported if the whole 95 % t-interval is above 0, not supported if below, else inconclusive")
+# (claim id, text, the baselines (best by mean over seeds), metric, paper value, source)
+GAINS = (
+    ("macro_f1_vs_fine-tuning", "MedMerge improves macro F1 over fine-tuning", FT_BASELINES, "macro_f1",
+     "up to +7 macro-F1 points (v2 abstract; v1: up to +3)", "arXiv:2403.11646 v2 abstract"),
+    ("macro_f1_vs_lp-ft", "MedMerge improves macro F1 over LP-FT", LPFT_BASELINES, "macro_f1",
+     "MedMerge better (numbers not public)", "the paper's comparison (tables not readable)"),
+    ("macro_f1_vs_merges", "MedMerge improves macro F1 over merges of FT models", MERGES, "macro_f1",
+     "MedMerge better than other merges (numbers not public)", "the paper's comparison (tables not readable)"),
+    ("accuracy_vs_fine-tuning", "MedMerge improves accuracy over fine-tuning", FT_BASELINES, "accuracy",
+     "higher accuracy (numbers not public)", "the paper's comparison"),
+    ("medical_source_helps", "The second (medical) source helps: MedMerge beats the natural source alone",
+     ("ft_natural", "lpft_natural"), "macro_f1", "implied by the zeros ablation (Fig. 3b); numbers not public",
+     "Fig. 3b (the zeros control replaced: see the module docstring)"),
+    ("kernel_weights_matter", "Per-kernel weights matter: MedMerge beats one global or one per-layer weight",
+     ("interp_global", "interp_layer"), "macro_f1", "implied by the method (kernel-level weights)",
+     "paper Sec. 3; a control of ours"),
+    ("merge_vs_ensemble", "control: MedMerge (one network) beats the output ensemble of the two FT models (two)",
+     ("ensemble",), "macro_f1", "not claimed", "a control of ours: what the two sources give together"),
+)
+
+
+MIN_SEEDS = 2  # one seed supports nothing
 
 
 def judge(gap_table: pd.DataFrame) -> bool | None:
-    """True when the mean gap is positive in every experiment and, pooled over experiments, more
-    seeds are won than lost; False when the mean gap is <= 0 in every experiment; else None (also
-    with fewer than two seeds per experiment: one seed supports nothing)."""
+    """The seed-count reading of a :func:`~cmm_utils.papers.medmerge.tables.gaps` table, as the page
+    read it before issue 12 (kept for the gaps view, not used by the verdicts): True when the mean gap
+    is positive in every experiment and more seeds are won than lost; False when it is <= 0 in every
+    experiment; else None (also with fewer than :data:`MIN_SEEDS` seeds)."""
     if gap_table.empty or gap_table["seeds"].min() < MIN_SEEDS:
         return None
     g = gap_table["gap (points)"]
@@ -43,45 +72,59 @@ def judge(gap_table: pd.DataFrame) -> bool | None:
     return None
 
 
-def _gap_text(gt: pd.DataFrame) -> str:
-    return "; ".join(f"{r['arch']}/{r['target']}: {r['gap (points)']:+.1f}"
-                     + ("" if np.isnan(r["gap std"]) else f" ± {r['gap std']:.1f}")
-                     + f" ({r['seeds won']}/{r['seeds']} seeds)" for _, r in gt.iterrows())
+def paired_units(final: pd.DataFrame, method: str, baselines: Sequence[str], metric: str,
+                 runs: Sequence[tuple[str, str]] | None = None) -> tuple[np.ndarray, str]:
+    """MedMerge − the best of ``baselines`` (best by mean over seeds, per backbone/target) in points,
+    one per (backbone, target, seed) of ``runs`` (default: all), and the per-run gaps in words."""
+    gaps, words = [], []
+    for (arch, target), grp in final.groupby(["arch", "target"], sort=False):
+        if runs is not None and (arch, target) not in runs:
+            continue
+        piv = grp.pivot_table(index="seed", columns="method", values=metric)
+        have = [b for b in baselines if b in piv]
+        if method not in piv or not have:
+            continue
+        best = max(have, key=lambda b: piv[b].mean())
+        diff = (100 * (piv[method] - piv[best])).dropna()
+        gaps += diff.tolist()
+        sd = f" ± {diff.std(ddof=1):.1f}" if len(diff) > 1 else ""
+        words.append(f"{arch}/{target} vs {METHOD_LABELS.get(best, best)}: {diff.mean():+.1f}{sd} "
+                     f"({int((diff > 0).sum())}/{len(diff)} seeds won)")
+    return np.asarray(gaps, dtype=float), "; ".join(words)
 
 
-def _judge_gain(claim: Claim, gt: pd.DataFrame, ours: str) -> Claim:
-    if gt.empty:
-        return not_run(claim, "no experiment compares these methods in this build")
-    ok = judge(gt)
-    return judge_inconclusive(claim, ours) if ok is None else judge_condition(claim, ok, ours)
+def _regime_split(regimes: Mapping[tuple[str, str], Regime] | None, final: pd.DataFrame):
+    runs = list(dict.fromkeys(zip(final["arch"], final["target"])))
+    if regimes is None:
+        return runs, ""
+    ok = [r for r in runs if r in regimes and regimes[r].passed]
+    return ok, "; ".join(regimes[r].failing() for r in runs if r in regimes and not regimes[r].passed)
 
 
 def judge_claims(results: pd.DataFrame, gap_tables: Mapping[tuple[str, str], pd.DataFrame],
                  depth: pd.DataFrame, layer_shift: pd.Series, spread: float, seed_std: float,
-                 init: float) -> list[Claim]:
-    """Every claim, judged from the chapter's artifacts: the results, :func:`~cmm_utils.papers.medmerge.
-    tables.gap_tables`, the kernel weights' :func:`~cmm_utils.papers.medmerge.tables.depth_summary` and
+                 init: float, regimes: Mapping[tuple[str, str], Regime] | None = None) -> list[Claim]:
+    """Every claim, judged from the chapter's artifacts: the results, the kernel weights'
+    :func:`~cmm_utils.papers.medmerge.tables.depth_summary` and
     :func:`~cmm_utils.papers.medmerge.tables.largest_layer_shift`, the ablation's spread and seed std
-    (points), and the initial ``w``."""
+    (points), the initial ``w`` and the regime of each (backbone, target) (``None``: all count).
+    ``gap_tables`` (:func:`~cmm_utils.papers.medmerge.tables.gap_tables`) are the page's view of the
+    same gaps and are not needed for the verdicts."""
     final = results[results["stage"] == "final"]
+    testable, failing = _regime_split(regimes, final)
+    excluded = f" Left out (regime check failed): {failing}." if failing and testable else ""
     claims = []
-    for fam, paper_value, source in FAMILIES:
-        ours = _gap_text(gap_tables[(fam, "macro_f1")]) if not gap_tables[(fam, "macro_f1")].empty else "not run"
-        if fam == "fine-tuning":  # the usual baseline is FT from the natural-image (ImageNet) source alone
-            nat = gaps(final, "medmerge", ("ft_natural",), "macro_f1")
-            ours = f"{ours}. Against FT from the natural source only: {_gap_text(nat) if not nat.empty else 'not run'}"
-        claim = Claim(f"macro_f1_vs_{fam.split()[0].lower()}", f"MedMerge improves macro F1 over {fam}", paper_value,
-                      source, GAIN_CRITERION)
-        claims.append(_judge_gain(claim, gap_tables[(fam, "macro_f1")], f"MedMerge − best {fam} (points): {ours}"))
-    gt = gap_tables[("fine-tuning", "accuracy")]
-    claims.append(_judge_gain(Claim("accuracy_vs_fine-tuning", "MedMerge improves accuracy over fine-tuning",
-                                    "higher accuracy (numbers not public)", "the paper's comparison", GAIN_CRITERION),
-                              gt, f"MedMerge − best FT (accuracy points): {_gap_text(gt) or 'not run'}"))
-    gt = gap_tables[("zeros", "macro_f1")]
-    claims.append(_judge_gain(Claim("medical_source_helps", "The second (medical) source helps: MedMerge beats merging "
-                                    "with zeros", "implied by the zeros ablation (Fig. 3b); numbers not public",
-                                    "Fig. 3b", GAIN_CRITERION),
-                              gt, f"MedMerge − merge with zeros (points): {_gap_text(gt) or 'not run'}"))
+    for cid, text, baselines, metric, paper_value, source in GAINS:
+        other = "the best of " + ", ".join(baselines) if len(baselines) > 1 else baselines[0]
+        claim = Claim(cid, text, paper_value, source, GAIN_CRITERION.format(other=other))
+        gaps, words = paired_units(final, "medmerge", baselines, metric, testable)
+        _, all_words = paired_units(final, "medmerge", baselines, metric)
+        if not all_words:
+            claims.append(not_run(claim, "no experiment compares these methods in this build"))
+        elif not testable:
+            claims.append(not_testable(replace(claim, note=f"{metric} gaps (points): {all_words}"), failing))
+        else:
+            claims.append(judge_gap(claim, gaps, note=f"{metric} gaps (points): {words}.{excluded}"))
     shift, kernel_spread = layer_shift_and_spread(depth, init)
     claims.append(judge_inconclusive(
         Claim("layer_patterns", "Learned kernel weights show layer-wise patterns (Fig. 3)", "qualitative", "Fig. 3",
@@ -125,10 +168,18 @@ def caveat(max_per_split) -> str:
 
 
 def summary(profile: str, n_seeds: int, gap_tables: Mapping[tuple[str, str], pd.DataFrame], claims: list[Claim]) -> str:
-    """The verdict in one paragraph: the headline gain over fine-tuning and over merging with zeros."""
+    """The verdict in one paragraph: the headline gain over fine-tuning, with its interval."""
+    by_id = {c.id: c for c in claims}
+    head = by_id["macro_f1_vs_fine-tuning"]
     main_ft = gap_tables[("fine-tuning", "macro_f1")]["gap (points)"]
-    zeros = gap_tables[("zeros", "macro_f1")]["gap (points)"]
+    if head.verdict == "not testable here":
+        return (f"In the {profile} profile ({n_seeds} seed(s)), the gain claims are not testable here: the regime "
+                f"check fails ({head.ours}).")
+    iv = "" if head.interval is None else f", 95 % interval [{head.interval[0]:+.1f}, {head.interval[1]:+.1f}]"
+    helps = by_id["medical_source_helps"]
+    iv2 = "" if helps.interval is None else f" [{helps.interval[0]:+.1f}, {helps.interval[1]:+.1f}]"
     return (f"In the {profile} profile ({n_seeds} seed(s), {len(main_ft)} backbone/target pair(s)), MedMerge's "
-            f"macro-F1 gain over the better fine-tuned source ranges from {main_ft.min():+.1f} to {main_ft.max():+.1f} "
-            f"points (paper: up to +7; v1: +3), so the claim is {claims[0].verdict} here; MedMerge minus "
-            f"merging with zeros ranges from {zeros.min():+.1f} to {zeros.max():+.1f} points.")
+            f"macro-F1 gain over the better fine-tuned source is {head.estimate:+.1f} points on average{iv} "
+            f"(paper: up to +7; v1: +3), so the claim is {head.verdict} here; against the natural source alone "
+            f"the gap is {helps.estimate if helps.estimate is not None else float('nan'):+.1f}{iv2} "
+            f"({helps.verdict}).")

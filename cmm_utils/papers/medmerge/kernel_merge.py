@@ -231,6 +231,36 @@ def wrap_kernel_merge(
     return merged
 
 
+GRANULARITIES = ("kernel", "layer", "global")
+
+
+def tie_merge_weights(model: nn.Module, granularity: str = "kernel") -> nn.Module:
+    """Coarser merge weights for the controls of the regime check (issue 12, not the paper's
+    method): ``"kernel"`` leaves MedMerge's one ``w`` per 2-D kernel; ``"layer"`` gives each
+    convolution one ``w`` (shape ``(1, 1)``, broadcast over its kernels); ``"global"`` one ``w``
+    shared by every convolution (one interpolation weight between the two sources). A uniform ``w``
+    is not undone by BatchNorm, unlike a merge with zeros: it mixes two different kernels. Each ``w``
+    keeps the module's current (initial) value; in place, returns ``model``."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}; valid: {', '.join(GRANULARITIES)}")
+    if granularity == "kernel":
+        return model
+    convs = [m for m in model.modules() if isinstance(m, KernelMergedConv2d)]
+    shared: dict[str, nn.Parameter] = {}
+    for m in convs:
+        for name in ("w_raw", "bias_w_raw"):
+            old = getattr(m, name)
+            if old is None:
+                continue
+            shape = (1, 1) if name == "w_raw" else (1,)
+            start = old.detach().flatten()[:1].reshape(shape).clone()
+            if granularity == "layer":
+                setattr(m, name, nn.Parameter(start))
+            else:
+                setattr(m, name, shared.setdefault(name, nn.Parameter(start)))
+    return model
+
+
 def collapse_kernel_merge(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every :class:`KernelMergedConv2d` replaced by a
     plain ``nn.Conv2d`` holding the merged kernel: the same outputs, the cost of

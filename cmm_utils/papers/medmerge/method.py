@@ -31,7 +31,10 @@ the merges of fine-tuned models), ``profiles``, ``tables``, ``figures`` and ``cl
    (:mod:`cmm_utils.papers.medmerge.alignment`); BN statistics recomputed on target training data after merging;
 4. the ablation *merging with zeros* (``theta^(b) = 0``: the natural source rescaled kernel by
    kernel), and the open choices (initial ``w``, direct vs sigmoid parametrisation, ``w`` learned
-   or frozen at its initial value) on one backbone and target.
+   or frozen at its initial value) on one backbone and target;
+5. the regime check's controls (:mod:`cmm_utils.papers.medmerge.controls`, not the paper's): MedMerge's
+   probe and fine-tuning with one global and with one per-layer interpolation weight, and the output
+   ensemble of the two fine-tuned sources.
 
 Choices where the paper is silent (each is a literal in
 :data:`cmm_utils.papers.medmerge.profiles.PROFILES` or an argument):
@@ -67,17 +70,21 @@ from cmm_utils.core.continual import ContinualResult, cached_run
 from cmm_utils.core.io import cache_root, config_key, load_state, save_state, write_csv
 from cmm_utils.core.models import PRETRAIN, Classifier, build_backbone
 from cmm_utils.papers.medmerge.landscape import plane_grid
+from cmm_utils.papers.medmerge.controls import INTERPOLATIONS, OutputEnsemble
 from cmm_utils.papers.medmerge.profiles import CHAPTER, MERGES, METHODS, VERSION, benchmark_name, configure, \
     parse_benchmark
-from cmm_utils.papers.medmerge.sources import source_key, load_target, source_backbone, zero_convolutions
+from cmm_utils.papers.medmerge.sources import (load_target, source_backbone, source_key, target_without_source,
+                                              zero_convolutions)
 from cmm_utils.papers.medmerge.training import evaluate, fine_tune, kernel_merge_probe, linear_probe, merge_models, \
-    new_classifier
+    new_classifier, on_device
 
 
 def _run_key(cfg: Mapping, arch: str, medical: str, target: str, seed: int, **extra) -> dict:
     keys = ("scale", "image_size", "max_per_split", "natural_source", "lp_epochs", "lp_lr", "w_lr", "ft_epochs",
             "ft_lr", "batch_size", "optimizer_lp", "optimizer_ft", "weight_decay", "other_params", "max_steps")
     key = {k: cfg.get(k) for k in keys}
+    if cfg.get("w_lr_steps") is not None:  # only where set, so the other profiles' cached runs stay valid
+        key["w_lr_steps"] = cfg["w_lr_steps"]
     if cfg["natural_source"] == "book":  # the book's pretraining recipe of the profile
         natural = {"book": cfg["profile"], **({k: v for k, v in vars(PRETRAIN[cfg["profile"]]).items()}
                                               if cfg["profile"] in PRETRAIN else {})}
@@ -95,11 +102,13 @@ def _cached_model(key: Mapping, template: nn.Module, build, extra_tensors: str |
     slug = re.sub(r"[^A-Za-z0-9_.]+", "-", str(key["method"])).strip("-")
     path = cache_root() / CHAPTER / "runs" / f"{slug}-{config_key(dict(key))}.safetensors"
     side = path.with_name(path.stem + "-extra.safetensors")
+    template = on_device(template)
     if path.exists() and (extra_tensors is None or side.exists()):
         template.load_state_dict(load_state(path))
         return (template.eval(), load_state(side)) if extra_tensors else template.eval()
     built = build()
     model, tensors = built if extra_tensors else (built, None)
+    model = on_device(model)
     if extra_tensors:
         save_state(side, tensors)
     save_state(path, model.state_dict(), dict(key))
@@ -121,7 +130,7 @@ def run_experiment(arch: str, medical: str, target: str, seed: int, cfg: Mapping
     weights of MedMerge, of merging with zeros and of each ablation, and (``keep_states``) the
     trained networks for the loss-surface planes. Every trained network is cached (resumable).
     """
-    data = load_target(target, seed, cfg)
+    data = target_without_source(target, medical, seed, cfg)
     ordinal = data.meta.get("task") == "ordinal"
     n = data.num_classes
     natural = source_backbone(cfg["natural_source"], arch, cfg, 0, verbose=verbose)
@@ -154,16 +163,19 @@ def run_experiment(arch: str, medical: str, target: str, seed: int, cfg: Mapping
         record(f"lpft_{name}", lpft, "final")
     for method in cfg["merges"]:
         record(method, merge_models(method, ft["natural"], ft["medical"], data.train, cfg, seed), "final")
+    record("ensemble", OutputEnsemble(ft["natural"], ft["medical"]).eval(), "final")  # a control (controls.py)
 
     main = ("main", cfg["init"], cfg["parametrisation"], True)
     variants = [("medmerge", main, medical_bb), ("zeros", main, zero_convolutions(natural))]
+    variants += [(m, main, medical_bb) for m in INTERPOLATIONS]
     variants += [(f"ablation:{v[0]}", v, medical_bb) for v in ablations]
     for method, (vname, init, param, learn), second in variants:
-        probe_key = key(f"{method}_lp", init=init, parametrisation=param, learn_w=learn)
+        grain = {"granularity": INTERPOLATIONS[method]} if method in INTERPOLATIONS else {}
+        probe_key = key(f"{method}_lp", init=init, parametrisation=param, learn_w=learn, **grain)
         probed, w = _cached_model(probe_key, template(), lambda: kernel_merge_probe(
             natural, second, n, data.train, cfg, seed, init=init, parametrisation=param, learn_w=learn,
-            desc=f"probe {method}"), extra_tensors="w")
-        final = _cached_model(key(method, init=init, parametrisation=param, learn_w=learn), template(),
+            desc=f"probe {method}", **grain), extra_tensors="w")
+        final = _cached_model(key(method, init=init, parametrisation=param, learn_w=learn, **grain), template(),
                               lambda: fine_tune(copy.deepcopy(probed), data.train, cfg, seed, desc=f"FT {method}"))
         if method.startswith("ablation:"):
             for stage, model in (("probe", probed), ("final", final)):
@@ -184,16 +196,18 @@ def plane_states(states: Mapping[str, nn.Module], merges: Iterable[str]) -> dict
 
 
 def compute_plane(arch: str, target: str, seed: int, cfg: Mapping, states: Mapping[str, nn.Module],
-                  merge_name: str) -> dict[str, np.ndarray]:
+                  merge_name: str, medical: str | None = None) -> dict[str, np.ndarray]:
     """The loss surface on the plane through FT(natural), ``merge_name`` and FT(medical); BN
     recomputed at every point on ``plane_images`` training images, on which the train error is
-    also measured; test error on up to ``plane_images`` test images."""
-    data = load_target(target, seed, cfg)
+    also measured; test error on up to ``plane_images`` test images (without the medical source's
+    images, :func:`~cmm_utils.papers.medmerge.sources.target_without_source`)."""
+    data = load_target(target, seed, cfg) if medical is None else target_without_source(target, medical, seed, cfg)
     k = cfg["plane_images"]
     gen = torch.Generator().manual_seed(seed)
     train = data.train.subset(torch.randperm(len(data.train), generator=gen)[:k].sort().values)
     test = data.test.subset(torch.arange(min(k, len(data.test))))
-    model = Classifier(build_backbone(arch, scale=cfg["scale"], image_size=cfg["image_size"]), data.num_classes)
+    model = on_device(Classifier(build_backbone(arch, scale=cfg["scale"], image_size=cfg["image_size"]),
+                                 data.num_classes))
     three = plane_states(states, [merge_name])[merge_name]
     return plane_grid(model, three, train, train, test, grid=cfg["plane_grid"], margin=cfg["plane_margin"],
                       desc=f"plane {merge_name}")
@@ -206,8 +220,10 @@ def result_config(cfg: Mapping, arch: str, medical: str, target: str, seed: int,
     fine-tuned models (not cached as a network), the merge's settings."""
     if method in MERGES:
         extra = {"merge": {k: cfg[k] for k in ("wm_iters", "match_images", "zipit_alpha", "zipit_beta")}}
-    elif method.startswith(("medmerge", "zeros")):
+    elif method.startswith(("medmerge", "zeros", "interp_")):
         extra = {"init": cfg["init"], "parametrisation": cfg["parametrisation"], "learn_w": True}
+        if method.removesuffix("_lp") in INTERPOLATIONS:
+            extra["granularity"] = INTERPOLATIONS[method.removesuffix("_lp")]
     else:
         extra = {}
     return {**_run_key(cfg, arch, medical, target, seed, method=method, **extra),

@@ -29,6 +29,10 @@ METHOD_LABELS = {
     "permutation_act": "Permutation, activation matching (FT models)", "zipit": "ZipIt! (FT models)",
     "medmerge_lp": "MedMerge, after the probe (no FT)", "medmerge": "MedMerge",
     "zeros_lp": "Merge with zeros, after the probe", "zeros": "Merge with zeros (ablation)",
+    # the regime check's controls (papers/medmerge/controls.py), not the paper's methods
+    "ensemble": "control: output ensemble of the two FT models",
+    "interp_global_lp": "control: one global weight, after the probe", "interp_global": "control: one global weight",
+    "interp_layer_lp": "control: one weight per layer, after the probe", "interp_layer": "control: one weight per layer",
 }
 METHODS = tuple(METHOD_LABELS)
 FT_BASELINES = ("ft_natural", "ft_medical")
@@ -56,7 +60,8 @@ def parse_benchmark(name: str) -> tuple[str, str, str]:
 def _methods(*merges: str) -> list[str]:
     """The chapter's methods in the order a run records them, with the given merge baselines."""
     first = ["ft_natural", "lp_natural", "lpft_natural", "ft_medical", "lp_medical", "lpft_medical"]
-    return first + list(merges) + ["medmerge_lp", "medmerge", "zeros_lp", "zeros"]
+    return first + list(merges) + ["medmerge_lp", "medmerge", "zeros_lp", "zeros", "ensemble", "interp_global_lp",
+                                   "interp_global", "interp_layer_lp", "interp_layer"]
 
 
 _COMMON = {
@@ -86,9 +91,14 @@ PROFILES = check_table(CHAPTER, {
             "methods": _methods(*MERGES), "match_images": 256,
             "ablations": ABLATIONS, "plane_merges": ("medmerge", "permutation", "zipit"),
             "plane_grid": 9, "plane_images": 200},
+    # paper: ResNet-18 on ISIC-2019 first, since the first run gives the loss planes and the ablation
+    # (the paper's Fig. 2 is ResNet-18 on ISIC-2019); ``w_lr`` is scaled for the probe's step count
+    # (``training.w_learning_rate``); ``medical_init``: "random" (default) or "natural" (``sources``)
     "paper": {**_COMMON,
-              "benchmarks": ["densenet121:ham10000_full->isic2019", "densenet121:eyepacs->aptos2019",
+              "benchmarks": ["resnet18:ham10000_full->isic2019", "resnet18:eyepacs->aptos2019",
+                             "densenet121:ham10000_full->isic2019", "densenet121:eyepacs->aptos2019",
                              "resnet50:ham10000_full->isic2019", "resnet50:eyepacs->aptos2019"],
+              "w_lr_steps": 48, "medical_init": "random",
               "scale": "paper", "image_size": 224, "seeds": 3, "max_per_split": None,
               "source_epochs": 30, "source_max_per_split": None, "source_batch_size": 32,
               "lp_epochs": 10, "lp_lr": 1e-3, "ft_epochs": 30, "ft_lr": 1e-4, "batch_size": 32,

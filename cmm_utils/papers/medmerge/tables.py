@@ -13,7 +13,8 @@ from cmm_utils.papers.medmerge.profiles import FT_BASELINES, LPFT_BASELINES, MER
 
 # The deployed networks first, then the probes (frozen backbones) that MedMerge and LP-FT start from
 ORDER = ["ft_natural", "ft_medical", "lpft_natural", "lpft_medical", "average", "permutation", "permutation_act",
-         "zipit", "medmerge", "zeros", "lp_natural", "lp_medical", "medmerge_lp", "zeros_lp"]
+         "zipit", "medmerge", "zeros", "ensemble", "interp_global", "interp_layer", "lp_natural", "lp_medical",
+         "medmerge_lp", "zeros_lp", "interp_global_lp", "interp_layer_lp"]
 
 
 def summary_table(results: pd.DataFrame, metrics: Sequence[str] = ("macro_f1", "accuracy", "kappa")) -> pd.DataFrame:

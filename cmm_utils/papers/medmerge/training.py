@@ -10,21 +10,31 @@ MedMerge (Almakky et al. 2024): the per-kernel weights ``w`` of ``theta_hat_j = 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Mapping
 
 import torch
 from torch import nn
 
 from cmm_utils import merging
+from cmm_utils.core import train as core_train
 from cmm_utils.core.data import LabeledImages
 from cmm_utils.core.metrics import macro_f1, mean_class_recall, quadratic_kappa
 from cmm_utils.core.models import Classifier
 from cmm_utils.core.train import FitConfig, fit, predict, seed_everything
 from cmm_utils.papers.medmerge import alignment
-from cmm_utils.papers.medmerge.kernel_merge import collapse_kernel_merge, kernel_weights, wrap_kernel_merge
+from cmm_utils.papers.medmerge.kernel_merge import collapse_kernel_merge, kernel_weights, tie_merge_weights, \
+    wrap_kernel_merge
 from cmm_utils.papers.medmerge.landscape import recompute_bn
 from cmm_utils.papers.medmerge.permutation_specs import permutation_spec
 from cmm_utils.papers.medmerge.profiles import MERGES
+
+
+def on_device(model: nn.Module) -> nn.Module:
+    """``model`` (in place) on the book's device, ``core.train.device()`` (CUDA when there is one).
+    ``fit`` and ``predict`` run where the model's parameters are, so every network MedMerge builds or
+    loads goes through here before it is trained, merged or scored."""
+    return model.to(core_train.device())
 
 
 def fit_config(cfg: Mapping, stage: str) -> FitConfig:
@@ -43,15 +53,33 @@ def fit_config(cfg: Mapping, stage: str) -> FitConfig:
     raise ValueError(f"unknown stage {stage!r}; valid: source, lp, ft")
 
 
+def w_learning_rate(cfg: Mapping, n_train: int) -> float:
+    """The learning rate of the kernel weights ``w`` for a probe on ``n_train`` images. ``w_lr`` was
+    tuned (``cpu`` profile) for ``w_lr_steps`` = 48 probe steps; Adam moves each ``w`` by about the
+    learning rate per step, so a probe of ``S`` steps could drift ``S / 48`` times as far, which
+    the unconstrained (direct) ``w`` does not survive. Where the profile sets ``w_lr_steps``
+    (``paper``: ~5,700 steps on ISIC-2019) the rate is scaled by ``min(1, w_lr_steps / S)``, keeping
+    the largest total drift the tuned one; without it (``cpu``, ``smoke``) ``w_lr`` is used as is.
+    The paper's own schedule is unknown: this rule is ours."""
+    ref = cfg.get("w_lr_steps")
+    if ref is None:
+        return float(cfg["w_lr"])
+    steps = math.ceil(n_train / cfg["batch_size"]) * cfg["lp_epochs"]
+    if cfg.get("max_steps") is not None:
+        steps = min(steps, cfg["max_steps"])
+    return float(cfg["w_lr"]) * min(1.0, ref / max(1, steps))
+
+
 def new_classifier(backbone: nn.Module, num_classes: int, seed: int) -> Classifier:
     """A copy of ``backbone`` under a fresh linear head initialised from ``seed``."""
     backbone = copy.deepcopy(backbone)
     seed_everything(seed)
-    return Classifier(backbone, num_classes)
+    return on_device(Classifier(backbone, num_classes))
 
 
 def fine_tune(model: nn.Module, data: LabeledImages, cfg: Mapping, seed: int, desc: str = "fine-tune") -> nn.Module:
     """Every parameter trained (BatchNorm in train mode)."""
+    model = on_device(model)
     for p in model.parameters():
         p.requires_grad_(True)
     fit(model, data, fit_config(cfg, "ft"), seed=seed, desc=desc)
@@ -61,6 +89,7 @@ def fine_tune(model: nn.Module, data: LabeledImages, cfg: Mapping, seed: int, de
 def linear_probe(model: Classifier, data: LabeledImages, cfg: Mapping, seed: int, desc: str = "linear probe") -> Classifier:
     """Backbone frozen: BN statistics recomputed on ``data``, then only the head trained (BN in
     eval mode)."""
+    model = on_device(model)
     recompute_bn(model, data)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -74,26 +103,29 @@ def linear_probe(model: Classifier, data: LabeledImages, cfg: Mapping, seed: int
 
 def kernel_merge_probe(backbone_a: nn.Module, backbone_b: nn.Module, num_classes: int, data: LabeledImages,
                        cfg: Mapping, seed: int, *, init: float = 0.5, parametrisation: str = "direct",
-                       learn_w: bool = True, desc: str = "MedMerge probe") -> tuple[Classifier, dict[str, torch.Tensor]]:
+                       learn_w: bool = True, granularity: str = "kernel",
+                       desc: str = "MedMerge probe") -> tuple[Classifier, dict[str, torch.Tensor]]:
     """MedMerge's linear probe: every convolution ``w * W_a + (1 - w) * W_b`` with learnable
     per-kernel ``w`` (frozen kernels), a new linear head; head and ``w`` trained on ``data``,
     BatchNorm in train mode with frozen affine parameters from ``backbone_a``. Returns the
     collapsed plain network (BN statistics recomputed on ``data``) and the learned ``w`` per layer."""
-    merged = wrap_kernel_merge(backbone_a, backbone_b, init=init, parametrisation=parametrisation,
-                               other_params=cfg.get("other_params", "a"))
+    merged = wrap_kernel_merge(on_device(backbone_a), on_device(backbone_b), init=init,
+                               parametrisation=parametrisation, other_params=cfg.get("other_params", "a"))
+    tie_merge_weights(merged, granularity)  # "layer" / "global": the regime's controls; "kernel": MedMerge
     seed_everything(seed)
-    model = Classifier(merged, num_classes)
+    model = on_device(Classifier(merged, num_classes))
     for p in model.parameters():
         p.requires_grad_(False)
     groups = [{"params": list(model.head.parameters())}]
     if learn_w:
-        groups.append({"params": [p for n, p in model.named_parameters() if n.endswith("w_raw")], "lr": cfg["w_lr"]})
+        groups.append({"params": [p for n, p in model.named_parameters() if n.endswith("w_raw")],
+                       "lr": w_learning_rate(cfg, len(data))})
     for g in groups:
         for p in g["params"]:
             p.requires_grad_(True)
     fit(model, data, fit_config(cfg, "lp"), seed=seed, params=groups, desc=desc)
     weights = kernel_weights(model)
-    plain = collapse_kernel_merge(model)
+    plain = on_device(collapse_kernel_merge(model))
     for p in plain.parameters():
         p.requires_grad_(True)
     recompute_bn(plain, data)
@@ -104,7 +136,7 @@ def kernel_merge_probe(backbone_a: nn.Module, backbone_b: nn.Module, num_classes
 def evaluate(model: nn.Module, data: LabeledImages, ordinal: bool = False, recall: bool = False) -> dict[str, float]:
     """Accuracy, macro F1 (``cmm_utils.core.metrics``) and, for ordinal grading, quadratic kappa;
     with ``recall`` also the mean class recall (the book's leaderboard metric)."""
-    pred = predict(model, data).argmax(1).numpy()
+    pred = predict(on_device(model), data).argmax(1).numpy()
     y = data.labels.numpy()
     out = {"accuracy": float((pred == y).mean()), "macro_f1": macro_f1(y, pred)}
     out["kappa"] = quadratic_kappa(y, pred) if ordinal else float("nan")
@@ -121,7 +153,10 @@ def merge_models(method: str, model_a: Classifier, model_b: Classifier, data: La
     ``match_tensors_permute``) or ``zipit`` (ZipIt!, r = 0.5)."""
     if method not in MERGES:
         raise ValueError(f"unknown merge {method!r}; valid: {', '.join(MERGES)}")
-    a, b = model_a.state_dict(), model_b.state_dict()
+    # the matching and zipping arithmetic runs on the CPU (SciPy's assignment, float64 blocks);
+    # the feature covariances are computed where the models are
+    a = {k: v.cpu() for k, v in model_a.state_dict().items()}
+    b = {k: v.cpu() for k, v in model_b.state_dict().items()}
     spec = permutation_spec(model_a)
     if method == "average":
         state = merging.linear_interpolation(a, b, 0.5)
@@ -130,10 +165,10 @@ def merge_models(method: str, model_a: Classifier, model_b: Classifier, data: La
         state = alignment.permute_average(spec, a, b, perms)
     else:
         images = data.images[:cfg["match_images"]]
-        cov = alignment.feature_covariance(model_a, model_b, spec, images)
+        cov = alignment.feature_covariance(on_device(model_a), on_device(model_b), spec, images)
         kw = {"alpha": cfg["zipit_alpha"], "beta": cfg["zipit_beta"]} if method == "zipit" else {}
         mats = alignment.match_features(spec, cov, "zipit" if method == "zipit" else "permute", **kw)
         state = alignment.zip_merge(spec, a, b, mats)
-    out = copy.deepcopy(model_a)
+    out = on_device(copy.deepcopy(model_a))
     out.load_state_dict(state)
     return recompute_bn(out, data)
