@@ -190,3 +190,25 @@ def test_read_cached_state_for_direct_load_state_users(tmp_path):
     cut(path)
     with pytest.warns(RuntimeWarning, match=f"damaged cache entry {path}"):
         assert read_cached_state(path, require_meta=False) is None
+
+
+def test_a_damaged_magmax_checkpoint_is_retrained_not_a_crash(tmp_path, monkeypatch):
+    """MagMax keeps one file per fine-tuned task; a truncated one is warned about and retrained."""
+    from cmm_utils.papers.magmax.experiment import MagMaxRun
+
+    run = MagMaxRun.__new__(MagMaxRun)  # only the checkpoint logic: no scenario, no training
+    run._states, run._meta, run.settings = {}, {}, {"keep_states": False}
+    run._path = lambda name: tmp_path / f"{name}.safetensors"
+    calls = []
+
+    def train():
+        calls.append(1)
+        return {"w": torch.full((64,), float(len(calls)))}, {"steps": 3}
+
+    first = run._load_or_train("task0", train)
+    path = tmp_path / "task0.safetensors"
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.warns(RuntimeWarning, match="task0.safetensors"):
+        again = run._load_or_train("task0", train)
+    assert len(calls) == 2 and torch.equal(again["w"], torch.full((64,), 2.0)) and not torch.equal(first["w"], again["w"])
+    assert torch.equal(run._load_or_train("task0", train)["w"], again["w"]) and len(calls) == 2  # now read back

@@ -19,7 +19,7 @@ from torch import nn
 
 from cmm_utils import merging
 from cmm_utils.core.data import LabeledImages, Scenario, Task
-from cmm_utils.core.io import load_state, strip_prefix
+from cmm_utils.core.io import read_cached_state, strip_prefix
 from cmm_utils.core.models.heads import FrozenHead, HeadedModel
 from cmm_utils.core.train import device, predict
 from cmm_utils.papers.cmm.encoders import head_weights_fn
@@ -39,9 +39,12 @@ def two_task_states(scenario: Scenario, profile: str, seed: int, linear: bool = 
     method = "cmm" if linear else "cmm-no-linear"
     parts = run_parts(method, scenario, profile, seed, None, overrides)
     path = debug_states_path(parts.identity, parts.cfg)
-    if not path.exists():
+    found = read_cached_state(path, require_meta=False)  # damaged: warned about and recomputed
+    if found is None:
+        path.unlink(missing_ok=True)
         run_method(method, scenario, profile, seed, debug=True, stop_after=2, **overrides)
-    state = load_state(path)
+        found = read_cached_state(path, require_meta=False)
+    state = found[0]
     return {k: strip_prefix(state, k + ".") for k in ("prev", "prev_F", "new", "new_F", "merged", "corrected")}
 
 

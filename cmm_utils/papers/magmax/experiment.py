@@ -26,7 +26,7 @@ from cmm_utils.core.benchmarks import BENCHMARKS
 from cmm_utils.core.continual import (ContinualResult, cached_run, evaluate_after_task, evaluate_seen_tasks, gflops_per_image,
                                       scenario_fingerprint, score_seen_tasks, state_bytes, task_local_loss)
 from cmm_utils.core.data import Scenario, make_split
-from cmm_utils.core.io import cache_root, config_key, load_meta, load_state, save_state, write_json
+from cmm_utils.core.io import cache_root, config_key, read_cached_state, save_state, write_json
 from cmm_utils.core.models.heads import FrozenHead, HeadedModel
 from cmm_utils.core.profiles import check_profile
 from cmm_utils.core.seeds import JOINT, task_seed
@@ -143,8 +143,9 @@ class MagMaxRun:
         if name in self._states:
             return self._states[name]
         path = self._path(name)
-        if path.exists():
-            state, self._meta[name] = load_state(path), load_meta(path)
+        found = read_cached_state(path, require_meta=False)  # a damaged file: warned about, retrained
+        if found is not None:
+            state, self._meta[name] = found
         else:
             state, meta = train()
             save_state(path, state, meta)

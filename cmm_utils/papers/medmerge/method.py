@@ -67,7 +67,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cmm_utils.core.continual import ContinualResult, cached_run
-from cmm_utils.core.io import cache_root, config_key, load_state, save_state, write_csv
+from cmm_utils.core.io import cache_root, config_key, read_cached_state, save_state, write_csv
 from cmm_utils.core.models import PRETRAIN, Classifier, build_backbone
 from cmm_utils.papers.medmerge.landscape import plane_grid
 from cmm_utils.papers.medmerge.controls import INTERPOLATIONS, OutputEnsemble
@@ -103,9 +103,11 @@ def _cached_model(key: Mapping, template: nn.Module, build, extra_tensors: str |
     path = cache_root() / CHAPTER / "runs" / f"{slug}-{config_key(dict(key))}.safetensors"
     side = path.with_name(path.stem + "-extra.safetensors")
     template = on_device(template)
-    if path.exists() and (extra_tensors is None or side.exists()):
-        template.load_state_dict(load_state(path))
-        return (template.eval(), load_state(side)) if extra_tensors else template.eval()
+    found = read_cached_state(path)  # a damaged file is warned about and rebuilt, never used
+    extra = read_cached_state(side, require_meta=False) if extra_tensors else None
+    if found is not None and (extra_tensors is None or extra is not None):
+        template.load_state_dict(found[0])
+        return (template.eval(), extra[0]) if extra_tensors else template.eval()
     built = build()
     model, tensors = built if extra_tensors else (built, None)
     model = on_device(model)
