@@ -196,21 +196,29 @@ def test_slurm_job_array_matches_a_sequential_run(roots, slurm_cluster):  # noqa
     same_results(a / "results", b / "results")
 
 
-def test_cancelled_slurm_job_resumes_from_its_checkpoint(roots, slurm_cluster, monkeypatch):  # noqa: F811
-    unit = grid.GridUnit(FAKE, "b1", 0, ("slow",))
+def _slurm_job_past_its_first_checkpoint(unit, roots, slurm_cluster, monkeypatch):
+    """A sequential reference run of ``unit`` (folder ``a``), then the same unit submitted to SLURM
+    (folder ``b``) in a background thread, returned once the job has checkpointed a task: (a, b,
+    options, the list the grid's outcomes land in, the thread)."""
     a = roots("seq")
     sequential([unit])
     b = roots("slurm")
     monkeypatch.setenv("FAKE_TASK_S", "3")
     opts = grid.Options(executor="slurm", partition=slurm_cluster.partition, time_min=10)
-    first: list = []
-    thread = threading.Thread(target=lambda: first.extend(grid.run_grid("smoke", opts=opts, units=[unit])))
+    outcomes: list = []
+    thread = threading.Thread(target=lambda: outcomes.extend(grid.run_grid("smoke", opts=opts, units=[unit])))
     thread.start()
-    ck = b / "cache" / "fake" / "slow-b1-0"
+    ck = b / "cache" / "fake" / f"{unit.methods[0]}-{unit.benchmark}-{unit.seed}"
     deadline = time.time() + 120
     while not list(ck.glob("run-task*.safetensors")) and time.time() < deadline:
         time.sleep(0.2)
     assert list(ck.glob("run-task*.safetensors")), "the job never checkpointed a task"
+    return a, b, opts, outcomes, thread
+
+
+def test_cancelled_slurm_job_resumes_from_its_checkpoint(roots, slurm_cluster, monkeypatch):  # noqa: F811
+    unit = grid.GridUnit(FAKE, "b1", 0, ("slow",))
+    a, b, opts, first, thread = _slurm_job_past_its_first_checkpoint(unit, roots, slurm_cluster, monkeypatch)
     subprocess.run(["scancel", "-p", slurm_cluster.partition], check=True, env=slurm_cluster.env)
     thread.join(timeout=120)
     assert statuses(first) == ["failed"] and "cancelled" in first[0].error, grid.report(first)
@@ -245,18 +253,7 @@ def test_preempted_slurm_job_is_requeued_and_resumes(roots, slurm_cluster, monke
     """Preemption as SLURM signals it (SIGTERM, then submitit's USR2): the job checkpoints, requeues
     itself (``scontrol requeue``) and the same grid command sees it finish from its per-task checkpoint."""
     unit = grid.GridUnit(FAKE, "b1", 1, ("slow",))
-    a = roots("seq")
-    sequential([unit])
-    b = roots("slurm")
-    monkeypatch.setenv("FAKE_TASK_S", "3")
-    opts = grid.Options(executor="slurm", partition=slurm_cluster.partition, time_min=10)
-    done: list = []
-    thread = threading.Thread(target=lambda: done.extend(grid.run_grid("smoke", opts=opts, units=[unit])))
-    thread.start()
-    ck = b / "cache" / "fake" / "slow-b1-1"
-    deadline = time.time() + 120
-    while not list(ck.glob("run-task*.safetensors")) and time.time() < deadline:
-        time.sleep(0.2)
+    a, b, _, done, thread = _slurm_job_past_its_first_checkpoint(unit, roots, slurm_cluster, monkeypatch)
     job_id = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-p", slurm_cluster.partition], env=slurm_cluster.env,
                             capture_output=True, text=True, check=True).stdout.split()[0]
     for sig in ("TERM", "USR2"):
