@@ -195,3 +195,23 @@ def test_diverged_compute_leaves_no_cached_state(tmp_path):
     with pytest.raises(DivergedError, match="medmerge source"):
         cached_state(path, train)
     assert not path.exists() and not path.with_suffix(".json").exists()
+
+
+def test_dynammo_feature_loop_stops_on_a_nan_loss_like_fit():
+    """DynaMMo's head fine-tuning on stored features is the book's second training loop: it has the
+    same divergence guard as ``fit``."""
+    from cmm_utils.core.train import DivergedError, FitConfig
+    from cmm_utils.papers.dynammo.common import fit_on_features
+
+    head = torch.nn.Linear(4, 3)
+    feats, labels = torch.randn(1, 1, 32, 4), torch.randint(0, 3, (32,))
+    calls = []
+
+    def loss_fn(f, y):
+        calls.append(1)
+        out = torch.nn.functional.cross_entropy(head(f[0]), y)
+        return out * float("nan") if len(calls) == 3 else out
+
+    cfg = FitConfig(epochs=2, lr=0.05, batch_size=8, optimizer="sgd", schedule="constant")
+    with pytest.raises(DivergedError, match=r"heads: loss is nan at step 2 of 8 .*lr 0.05"):
+        fit_on_features(loss_fn, list(head.parameters()), feats, labels, cfg, seed=0, desc="heads")

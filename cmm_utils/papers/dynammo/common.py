@@ -20,7 +20,8 @@ from torch import nn
 
 from cmm_utils.core.continual import evaluate_seen_tasks
 from cmm_utils.core.data import LabeledImages, Scenario, make_split
-from cmm_utils.core.train import FitConfig, lr_factor, make_optimizer, predict
+from cmm_utils.core.train import (FitConfig, check_finite_loss, check_finite_weights, lr_factor, make_optimizer,
+                                  predict)
 
 
 def epoch_config(epochs: int, lr: float, milestones: Sequence[int], n: int, batch_size: int, *,
@@ -152,9 +153,11 @@ def features_with_flips(feature_fn: Callable[[torch.Tensor], torch.Tensor], data
 
 
 def fit_on_features(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], params: Sequence[nn.Parameter],
-                    feats: torch.Tensor, labels: torch.Tensor, cfg: FitConfig, seed: int) -> list[float]:
+                    feats: torch.Tensor, labels: torch.Tensor, cfg: FitConfig, seed: int,
+                    desc: str = "dynammo: head on features") -> list[float]:
     """Minimise ``loss_fn(batch_feats [P, b, d], labels [b])`` over ``feats [P, V, N, d]`` (P feature
-    sources, V views: original and flipped), with the seeded order and the schedule of ``cfg``."""
+    sources, V views: original and flipped), with the seeded order and the schedule of ``cfg``; a
+    non-finite loss or weight stops it with :class:`~cmm_utils.core.train.DivergedError`, as in ``fit``."""
     gen = torch.Generator().manual_seed(seed)
     opt = make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
     n = feats.shape[2]
@@ -171,12 +174,15 @@ def fit_on_features(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
             view = (torch.rand(len(idx), generator=gen) < 0.5).long() if feats.shape[1] > 1 \
                 else torch.zeros(len(idx), dtype=torch.long)
             loss = loss_fn(feats[:, view, idx], labels[idx])
+            value = float(loss.detach())
+            check_finite_loss(value, desc, step, total, opt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(value)
             step += 1
+        check_finite_weights(list(params), desc, step, total, opt)
     return losses
 
 
