@@ -132,13 +132,14 @@ def test_min_effect_must_be_cleared_by_the_whole_interval():
 
 def test_paired_bootstrap_brackets_the_gap_and_is_seeded():
     rng = np.random.default_rng(0)
-    a = [rng.random(400) < 0.7 for _ in range(3)]
-    b = [rng.random(400) < 0.5 for _ in range(3)]
-    est, (lo, hi) = verdicts.paired_bootstrap(a, b, n_boot=500, seed=1)
+    labels = [rng.integers(0, 4, 400) for _ in range(3)]
+    a = [np.where(rng.random(400) < 0.7, y, (y + 1) % 4) for y in labels]  # ~70 % correct
+    b = [np.where(rng.random(400) < 0.5, y, (y + 1) % 4) for y in labels]  # ~50 % correct
+    est, (lo, hi) = verdicts.paired_bootstrap_metric(a, b, labels, n_boot=500, seed=1)
     assert lo < est < hi and lo > 0.05
-    assert verdicts.paired_bootstrap(a, b, n_boot=500, seed=1) == (est, (lo, hi))
+    assert verdicts.paired_bootstrap_metric(a, b, labels, n_boot=500, seed=1) == (est, (lo, hi))
     with pytest.raises(ValueError, match="paired"):
-        verdicts.paired_bootstrap([a[0]], [b[0][:10]])
+        verdicts.paired_bootstrap_metric([a[0]], [b[0][:10]], [labels[0]])
 
 
 def test_write_verdict_records_words_counts_and_rejects_unknown(tmp_path):

@@ -20,12 +20,11 @@ The verdict words, pinned:
 - ``not run``: the measurement needs a profile or data this build did not have.
 
 Intervals. :func:`paired_gap_interval` takes per-unit paired gaps (one per seed, or per
-scenario × seed) and gives a Student-t 95 % interval of their mean; :func:`paired_bootstrap`
-takes per-image correctness of the two methods on the same test images, resamples images within
-each seed (the seeds' resamples averaged, so seed-to-seed and test-set variation both count) and
-gives a percentile interval; :func:`paired_bootstrap_metric` does the same for a metric of per-image
-predictions (accuracy, or mean class recall recomputed on each resample), :func:`judge_bootstrap`
-turns it into a verdict.
+scenario × seed) and gives a Student-t 95 % interval of their mean; :func:`paired_bootstrap_metric`
+takes per-image predictions of the two methods on the same test images, resamples images within
+each unit (the units' resamples averaged, so seed-to-seed and test-set variation both count) and
+gives a percentile interval of the gap in accuracy, or in mean class recall recomputed on each
+resample; :func:`judge_bootstrap` turns it into a verdict.
 """
 from __future__ import annotations
 
@@ -84,27 +83,6 @@ def paired_gap_interval(gaps: Sequence[float], level: float = 0.95) -> tuple[flo
     return mean, (mean - half, mean + half)
 
 
-def paired_bootstrap(correct_a: Sequence[np.ndarray], correct_b: Sequence[np.ndarray], n_boot: int = 2000,
-                     seed: int = 0, level: float = 0.95) -> tuple[float, tuple[float, float]]:
-    """Gap in accuracy (a − b) over per-image correctness (one boolean array per seed, a and b
-    scored on the same images), with a percentile interval from resampling images within each seed
-    and averaging the seeds' replicates."""
-    if len(correct_a) != len(correct_b) or not correct_a:
-        raise ValueError("one correctness array per seed for each method, the same number of seeds")
-    rng = np.random.default_rng(seed)
-    replicates = np.zeros(n_boot)
-    for a, b in zip(correct_a, correct_b):
-        a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-        if a.shape != b.shape or a.ndim != 1 or a.size == 0:
-            raise ValueError(f"correctness arrays must be 1-d, non-empty and paired; got {a.shape} and {b.shape}")
-        idx = rng.integers(0, a.size, size=(n_boot, a.size))
-        replicates += (a[idx] - b[idx]).mean(axis=1)
-    replicates /= len(correct_a)
-    estimate = float(np.mean([np.mean(np.asarray(a, float) - np.asarray(b, float)) for a, b in zip(correct_a, correct_b)]))
-    lo, hi = np.quantile(replicates, [0.5 - level / 2, 0.5 + level / 2])
-    return estimate, (float(lo), float(hi))
-
-
 METRICS = ("accuracy", "mean_class_recall")
 
 
@@ -125,7 +103,7 @@ def _replicate_scores(pred: np.ndarray, labels: np.ndarray, idx: np.ndarray, met
 def paired_bootstrap_metric(pred_a: Sequence[np.ndarray], pred_b: Sequence[np.ndarray], labels: Sequence[np.ndarray],
                             metric: str = "accuracy", n_boot: int = 2000, seed: int = 0,
                             level: float = 0.95) -> tuple[float, tuple[float, float]]:
-    """:func:`paired_bootstrap` for a metric of predictions: the gap ``metric(a) − metric(b)``
+    """A paired bootstrap for a metric of predictions: the gap ``metric(a) − metric(b)``
     over per-image predictions of two methods on the same test images (one array per unit, a unit
     being a seed or a scenario × seed, with its labels). Images are resampled within each unit, the
     same resample for both methods (paired), and the units' replicate gaps averaged; mean class
