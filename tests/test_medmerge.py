@@ -138,7 +138,7 @@ def test_same_parameters_give_identical_tables_and_a_rerun_resumes_from_cache(tm
     assert r1["kappa"].notna().all()  # RetinaMNIST is graded: quadratic kappa reported
 
 
-def test_gaps_and_judgement():
+def test_gaps_name_the_best_baseline_and_count_seeds_won():
     rows = []
     for s in range(3):
         for m, f1 in (("ft_natural", 0.50), ("ft_medical", 0.55), ("medmerge", 0.58 + 0.01 * s)):
@@ -146,12 +146,6 @@ def test_gaps_and_judgement():
     g = tab.gaps(pd.DataFrame(rows), "medmerge", prof.FT_BASELINES)
     assert g.loc[0, "best baseline"] == prof.METHOD_LABELS["ft_medical"]
     assert abs(g.loc[0, "gap (points)"] - 4.0) < 1e-9 and g.loc[0, "seeds won"] == 3
-    assert mc.judge(g) is True
-    g.loc[0, "gap (points)"] = -1.0
-    assert mc.judge(g) is False
-    assert mc.judge(g.iloc[:0]) is None
-    g.loc[0, "seeds"] = 1
-    assert mc.judge(g) is None  # one seed supports nothing
 
 
 @pytest.mark.timeout(900)

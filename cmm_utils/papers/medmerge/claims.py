@@ -54,24 +54,6 @@ GAINS = (
 )
 
 
-MIN_SEEDS = 2  # one seed supports nothing
-
-
-def judge(gap_table: pd.DataFrame) -> bool | None:
-    """The seed-count reading of a :func:`~cmm_utils.papers.medmerge.tables.gaps` table, as the page
-    read it before issue 12 (kept for the gaps view, not used by the verdicts): True when the mean gap
-    is positive in every experiment and more seeds are won than lost; False when it is <= 0 in every
-    experiment; else None (also with fewer than :data:`MIN_SEEDS` seeds)."""
-    if gap_table.empty or gap_table["seeds"].min() < MIN_SEEDS:
-        return None
-    g = gap_table["gap (points)"]
-    if (g > 0).all() and gap_table["seeds won"].sum() > gap_table["seeds"].sum() / 2:
-        return True
-    if (g <= 0).all():
-        return False
-    return None
-
-
 def paired_units(final: pd.DataFrame, method: str, baselines: Sequence[str], metric: str,
                  runs: Sequence[tuple[str, str]] | None = None) -> tuple[np.ndarray, str]:
     """MedMerge − the best of ``baselines`` (best by mean over seeds, per backbone/target) in points,
